@@ -1,0 +1,104 @@
+"""Image classifiers = backbone features + a replaceable head.
+
+- ``ClassEvidenceHead`` (SoftCAM, Djoumessi & Berens, MIDL 2026): a 1x1(x1) convolution from the
+  D feature channels to C signed class evidence maps; the logits are their spatial mean, so the
+  explanation is the prediction itself.
+- ``LinearHead``: the black-box baseline, global average pooling + linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.layers import Conv
+from torch import nn
+
+from bundle.networks.backbones import BackboneFeatures
+
+
+class ClassEvidenceHead(nn.Module):
+    """SoftCAM class evidence layer.
+
+    Input features (B, D, h, w[, d]); returns logits (B, C) and keeps the evidence maps of that
+    same forward pass in ``evidence_maps`` (B, C, h, w[, d], signed, unbounded).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, spatial_dims: int):
+        super().__init__()
+        self.class_evidence_layer = Conv[Conv.CONV, spatial_dims](num_features, num_classes, kernel_size=1, bias=True)
+        self.evidence_maps: torch.Tensor | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.evidence_maps = self.class_evidence_layer(features)
+        return self.evidence_maps.flatten(2).mean(dim=2)
+
+    def class_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Class evidence maps (B, C, h, w[, d]) of ``features``: the maps the logits are the mean of."""
+        return self.class_evidence_layer(features)
+
+
+class LinearHead(nn.Module):
+    """Global average pooling + linear layer (the black-box baseline). Returns logits (B, C)."""
+
+    def __init__(self, num_features: int, num_classes: int, spatial_dims: int):
+        super().__init__()
+        self.fc = nn.Linear(num_features, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features.flatten(2).mean(dim=2))
+
+    def class_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Class activation maps (Zhou et al. 2016) (B, C, h, w[, d]): the linear layer applied at
+        every location. Exact for this head: their spatial mean equals the logits."""
+        return torch.einsum("cd,bd...->bc...", self.fc.weight, features) + self.fc.bias.view(1, -1, *[1] * (features.ndim - 2))
+
+
+HEADS = {"softcam": ClassEvidenceHead, "linear": LinearHead}
+
+
+class ImageClassifier(nn.Module):
+    """Backbone features followed by a classification head; ``forward`` returns logits (B, C)."""
+
+    def __init__(self, features: BackboneFeatures, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and the class maps (B, C, h, w[, d]) they are the spatial mean of, in one pass."""
+        features = self.features(x)
+        if isinstance(self.head, ClassEvidenceHead):
+            logits = self.head(features)
+            return logits, self.head.evidence_maps
+        return self.head(features), self.head.class_maps(features)
+
+    @property
+    def evidence_maps(self) -> torch.Tensor:
+        """Class evidence maps (B, C, h, w[, d]) of the last forward pass (SoftCAM heads only)."""
+        if not isinstance(self.head, ClassEvidenceHead):
+            raise AttributeError(f"a {type(self.head).__name__} produces no class evidence maps")
+        if self.head.evidence_maps is None:
+            raise RuntimeError("no forward pass has run yet")
+        return self.head.evidence_maps
+
+
+def classifier(
+    backbone: str = "resnet18",
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    head: str = "softcam",
+    backbone_weights: str | None = None,
+) -> ImageClassifier:
+    """Build a SoftCAM (``head="softcam"``) or black-box (``head="linear"``) classifier.
+
+    ``backbone_weights``: optional local checkpoint of the same MONAI backbone to start from.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels)
+    if backbone_weights:
+        features.load_weights(backbone_weights)
+    return ImageClassifier(features, HEADS[head](features.num_features, num_classes, spatial_dims))

@@ -186,7 +186,6 @@ def write_cr_dicom(path: Path, attenuation: np.ndarray, identity: CaseIdentity, 
     ds.InstanceNumber = 1
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
-    ds.Laterality = ""
     ds.PatientOrientation = ["L", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SamplesPerPixel = 1

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class BackboneFamily:
     """How to build one MONAI network family and run it up to its last feature map."""
 
-    build: Callable[[int, int], nn.Module]  # (spatial_dims, in_channels) -> MONAI network
+    build: Callable[..., nn.Module]  # (spatial_dims, in_channels, **constructor options) -> MONAI network
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (net, x) -> (B, D, h, w[, d])
     head_modules: tuple[str, ...]  # attributes of the MONAI network that form its pooling + head
 
@@ -54,7 +54,7 @@ def _efficientnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _resnet(depth: int) -> BackboneFamily:
     factory = getattr(nets, f"resnet{depth}")
     return BackboneFamily(
-        build=lambda dims, ch: factory(spatial_dims=dims, n_input_channels=ch, num_classes=2),
+        build=lambda dims, ch, **kw: factory(spatial_dims=dims, n_input_channels=ch, num_classes=2, **kw),
         features=_resnet_features,
         head_modules=("avgpool", "fc"),
     )
@@ -63,18 +63,18 @@ def _resnet(depth: int) -> BackboneFamily:
 BACKBONES: dict[str, BackboneFamily] = {
     **{f"resnet{d}": _resnet(d) for d in (10, 18, 34, 50, 101, 152)},
     "densenet121": BackboneFamily(
-        build=lambda dims, ch: nets.DenseNet121(spatial_dims=dims, in_channels=ch, out_channels=2),
+        build=lambda dims, ch, **kw: nets.DenseNet121(spatial_dims=dims, in_channels=ch, out_channels=2, **kw),
         features=_densenet_features,
         head_modules=("class_layers",),
     ),
     "seresnet50": BackboneFamily(
-        build=lambda dims, ch: nets.SEResNet50(spatial_dims=dims, in_channels=ch, num_classes=2),
+        build=lambda dims, ch, **kw: nets.SEResNet50(spatial_dims=dims, in_channels=ch, num_classes=2, **kw),
         features=_senet_features,
         head_modules=("adaptive_avg_pool", "dropout", "last_linear"),
     ),
     "efficientnet-b0": BackboneFamily(
-        build=lambda dims, ch: nets.EfficientNetBN(
-            "efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=ch, num_classes=2
+        build=lambda dims, ch, **kw: nets.EfficientNetBN(
+            "efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=ch, num_classes=2, **kw
         ),
         features=_efficientnet_features,
         head_modules=("_avg_pooling", "_dropout", "_fc"),
@@ -86,9 +86,10 @@ class BackboneFeatures(nn.Module):
     """A MONAI CNN without its global pooling and linear head.
 
     Input (B, in_channels, H, W[, D]); output the last feature map (B, num_features, h, w[, d]).
+    ``options`` go to the MONAI constructor (``widen_factor=0.25`` for a slim ResNet, say).
     """
 
-    def __init__(self, name: str, spatial_dims: int = 2, in_channels: int = 1):
+    def __init__(self, name: str, spatial_dims: int = 2, in_channels: int = 1, **options):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -97,7 +98,7 @@ class BackboneFeatures(nn.Module):
         self.name = name
         self.spatial_dims = spatial_dims
         self._family = BACKBONES[name]
-        self.net = self._family.build(spatial_dims, in_channels)
+        self.net = self._family.build(spatial_dims, in_channels, **options)
         heads = self._family.head_modules
         # keys a full MONAI checkpoint of this network has for the head we drop
         self.head_keys = frozenset(k for k in self.net.state_dict() if k.split(".")[0] in heads)

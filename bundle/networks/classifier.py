@@ -78,7 +78,7 @@ class ImageClassifier(nn.Module):
     def evidence_maps(self) -> torch.Tensor:
         """Class evidence maps (B, C, h, w[, d]) of the last forward pass (SoftCAM heads only)."""
         if not isinstance(self.head, ClassEvidenceHead):
-            raise AttributeError(f"a {type(self.head).__name__} produces no class evidence maps")
+            raise TypeError(f"a {type(self.head).__name__} produces no class evidence maps")
         if self.head.evidence_maps is None:
             raise RuntimeError("no forward pass has run yet")
         return self.head.evidence_maps
@@ -91,14 +91,16 @@ def classifier(
     num_classes: int = 2,
     head: str = "softcam",
     backbone_weights: str | None = None,
+    backbone_kwargs: dict | None = None,
 ) -> ImageClassifier:
     """Build a SoftCAM (``head="softcam"``) or black-box (``head="linear"``) classifier.
 
     ``backbone_weights``: optional local checkpoint of the same MONAI backbone to start from.
+    ``backbone_kwargs``: options for the MONAI backbone's constructor (e.g. ``{"widen_factor": 0.25}``).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
-    features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels)
+    features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels, **(backbone_kwargs or {}))
     if backbone_weights:
         features.load_weights(backbone_weights)
     return ImageClassifier(features, HEADS[head](features.num_features, num_classes, spatial_dims))

@@ -1,0 +1,36 @@
+"""Print where the demo's checkpoints, test metrics and MLflow store are, and the test results."""
+
+import argparse
+import csv
+from pathlib import Path
+
+HEADS = {"softcam": "SoftCAM", "linear": "black box (GAP + linear)"}
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    with path.open() as f:
+        return {row[0]: float(row[1]) for row in csv.reader(f) if len(row) == 2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo", type=Path, required=True)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--backbone", default="resnet18")
+    args = parser.parse_args()
+    print("\n=== SoftCAM demo: test split ===")
+    for head, title in HEADS.items():
+        metrics_file = args.output_dir / f"{args.backbone}-{head}" / "test" / "metrics.csv"
+        metrics = read_metrics(metrics_file) if metrics_file.is_file() else {}
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no metrics (evaluation did not run)"
+        print(f"{title:28s} {scores}")
+        print(f"{'':28s} checkpoint   {args.demo / 'models' / head / 'model.pt'}")
+        print(f"{'':28s} metrics      {metrics_file}")
+        print(f"{'':28s} galleries    {args.output_dir / f'{args.backbone}-{head}' / 'gallery'}")
+    store = (args.output_dir / "mlflow.db").resolve()
+    print(f"\nMLflow store: {store}")
+    print(f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}  (then http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    main()

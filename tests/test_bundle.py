@@ -1,0 +1,117 @@
+"""The bundle's workflows run end to end through ``monai.bundle`` on tiny generated data."""
+
+import json
+import os
+import sqlite3
+
+import mlflow
+import pydicom
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from tests.conftest import ROOT, run_bundle
+
+TINY = ["--image_size", "64", "--batch_size", "4", "--backbone_kwargs", "{'widen_factor': 0.25}"]
+
+
+def _runs(output_dir):
+    client = mlflow.MlflowClient(f"sqlite:///{output_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("softcam")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_train_config_has_every_property_monai_requires(dataset_2d, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs/train.json"), meta_file=str(ROOT / "configs/metadata.json"),
+        workflow_type="train", bundle_root=str(ROOT), dataset_dir=str(dataset_2d),
+        output_dir=str(tmp_path), ckpt_dir=str(tmp_path / "models"),
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+
+
+@pytest.fixture(scope="module")
+def trained_softcam(dataset_2d, tmp_path_factory):
+    """Train SoftCAM for two epochs, then evaluate its best checkpoint on the test split."""
+    out = tmp_path_factory.mktemp("softcam_run")
+    common = ["--dataset_dir", str(dataset_2d), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"), *TINY]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    train = run_bundle("--config_file", "configs/train.json", "--max_epochs", "2", "--lambda1", "1e-4", *common, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluate = run_bundle("--config_file", "['configs/train.json','configs/evaluate.json']", *common, env=env)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    return out, train, evaluate
+
+
+def test_training_writes_the_best_checkpoint(trained_softcam):
+    out, _, _ = trained_softcam
+    state = __import__("torch").load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "head.class_evidence_layer.weight" in state
+
+
+def test_training_is_tracked_in_mlflow(trained_softcam):
+    out, _, _ = trained_softcam
+    client, runs = _runs(out / "eval")
+    train_run = runs[0]
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.params["head"] == "softcam" and train_run.data.params["lambda1"] == "0.0001"
+    assert len(client.get_metric_history(train_run.info.run_id, "train_loss")) == 2 * 4  # 16 images / batch 4, 2 epochs
+    assert len(client.get_metric_history(train_run.info.run_id, "auc")) == 2
+    assert len(client.get_metric_history(train_run.info.run_id, "accuracy")) == 2
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"model.pt", "train.json", "metadata.json"} <= artifacts
+    gallery = {a.path for a in client.list_artifacts(train_run.info.run_id, "evidence_gallery")}
+    assert gallery == {"evidence_gallery/epoch_001.png", "evidence_gallery/epoch_002.png"}
+
+
+def test_evaluation_scores_the_test_split_and_is_tracked(trained_softcam, dataset_2d):
+    out, _, _ = trained_softcam
+    metrics = dict(line.split(",") for line in (out / "eval/resnet18-softcam/test/metrics.csv").read_text().split())
+    assert 0.0 <= float(metrics["auc"]) <= 1.0 and 0.0 <= float(metrics["accuracy"]) <= 1.0
+    client, runs = _runs(out / "eval")
+    test_run = runs[-1]
+    assert "-test-" in test_run.info.run_name
+    n_test = len(json.loads((dataset_2d / "datalist.json").read_text())["test"])
+    assert test_run.data.params["n_test"] == str(n_test)
+    assert test_run.data.metrics["auc"] == pytest.approx(float(metrics["auc"]))
+
+
+def test_no_patient_identifier_reaches_mlflow_or_the_logs(trained_softcam, dataset_2d):
+    out, train, evaluate = trained_softcam
+    identifiers = set()
+    for path in (dataset_2d / "images").glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        identifiers |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber,
+                        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    stored = [(out / "eval" / "mlflow.db").read_bytes()]
+    stored += [p.read_bytes() for p in (out / "eval").rglob("*") if p.is_file() and p.suffix != ".db"]
+    with sqlite3.connect(out / "eval" / "mlflow.db") as db:
+        stored += [repr(db.execute(f"select * from {t}").fetchall()).encode() for t in ("params", "tags", "metrics")]
+    logs = (train.stdout + train.stderr + evaluate.stdout + evaluate.stderr).encode()
+    for identifier in identifiers:
+        assert not any(identifier.encode() in blob for blob in stored + [logs]), identifier
+
+
+def test_black_box_baseline_by_one_switch_and_tracking_uri_from_the_environment(dataset_2d, tmp_path):
+    store = tmp_path / "elsewhere.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    result = run_bundle("--config_file", "configs/train.json", "--head", "linear", "--max_epochs", "1",
+                        "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"),
+                        "--ckpt_dir", str(tmp_path / "models"), *TINY, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = __import__("torch").load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "head.fc.weight" in state
+    assert store.exists() and not (tmp_path / "eval" / "mlflow.db").exists()
+    run = mlflow.MlflowClient(f"sqlite:///{store}").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{store}").get_experiment_by_name("softcam").experiment_id])[0]
+    assert run.data.params["head"] == "linear"
+
+
+def test_3d_softcam_trains_on_nifti_volumes(dataset_3d, tmp_path):
+    result = run_bundle("--config_file", "configs/train.json", "--spatial_dims", "3", "--image_size", "32",
+                        "--max_epochs", "1", "--batch_size", "2", "--backbone_kwargs", "{'widen_factor': 0.25}",
+                        "--dataset_dir", str(dataset_3d), "--output_dir", str(tmp_path / "eval"),
+                        "--ckpt_dir", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").exists()
+    assert (tmp_path / "eval" / "resnet18-softcam" / "gallery" / "epoch_001.png").exists()

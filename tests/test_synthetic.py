@@ -1,0 +1,86 @@
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+import transforms
+from bundle.synthetic import make_dataset
+from tests.conftest import dicom_validation_errors
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_generation_is_deterministic(tmp_path, dataset_2d):
+    again = tmp_path / "again"
+    make_dataset(again, dims=2, n=24, seed=3, size=64)
+    assert _digest(again) == _digest(dataset_2d)
+    other = tmp_path / "other"
+    make_dataset(other, dims=2, n=4, seed=4, size=64)
+    assert _digest(other)["images/case_00000.dcm"] != _digest(dataset_2d)["images/case_00000.dcm"]
+
+
+def test_datalist_splits_are_stratified_and_masks_go_with_positives(dataset_2d):
+    datalist = json.loads((dataset_2d / "datalist.json").read_text())
+    items = datalist["training"] + datalist["validation"] + datalist["test"]
+    assert len(items) == 24 and len({it["image"] for it in items}) == 24
+    for split in ("training", "validation", "test"):
+        assert {it["label"] for it in datalist[split]} == {0, 1}
+    assert all(("mask" in it) == (it["label"] == 1) for it in items)
+
+
+def test_radiographs_are_cr_dicom_with_their_own_identities(dataset_2d):
+    files = sorted((dataset_2d / "images").glob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files]
+    assert {ds.Modality for ds in datasets} == {"CR"}
+    assert all(12 <= ds.BitsStored <= 16 and ds.PixelSpacing for ds in datasets)
+    assert {ds.PhotometricInterpretation for ds in datasets} == {"MONOCHROME1", "MONOCHROME2"}
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        assert len({ds.data_element(keyword).value for ds in datasets}) == len(files), keyword
+
+
+def test_radiographs_pass_dciodvfy(dataset_2d):
+    for path in sorted((dataset_2d / "images").glob("*.dcm"))[:4]:
+        assert dicom_validation_errors(path) == [], path
+
+
+def _loaded(dataset_dir, item):
+    image = Compose([LoadImaged("image", reader=transforms.medical_image_readers(), image_only=True),
+                     EnsureChannelFirstd("image"), transforms.InvertMonochrome1d("image"),
+                     transforms.WindowIntensityd("image")])({"image": str(dataset_dir / item["image"])})["image"]
+    mask = Compose([LoadImaged("mask", image_only=True), EnsureChannelFirstd("mask")])(
+        {"mask": str(dataset_dir / item["mask"])})["mask"]
+    return image[0].numpy(), mask[0].numpy()
+
+
+@pytest.mark.parametrize("dataset", ["dataset_2d", "dataset_3d"])
+def test_masks_line_up_with_the_lesions(dataset, request):
+    dataset_dir = request.getfixturevalue(dataset)
+    datalist = json.loads((dataset_dir / "datalist.json").read_text())
+    positives = [it for split in ("training", "validation", "test") for it in datalist[split] if it["label"]]
+    for item in positives:
+        image, mask = _loaded(dataset_dir, item)
+        assert image.shape == mask.shape
+        assert mask.sum() > 0
+        lesion = mask > 0
+        # the ring just outside the mask is background: the lesion is brighter than what surrounds it
+        from scipy import ndimage
+        ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
+        assert image[lesion].mean() > image[ring].mean(), item["image"]
+
+
+def test_volumes_are_nifti_with_a_real_affine_shared_by_their_masks(dataset_3d):
+    datalist = json.loads((dataset_3d / "datalist.json").read_text())
+    item = next(it for it in datalist["training"] if it["label"])
+    image, mask = nib.load(dataset_3d / item["image"]), nib.load(dataset_3d / item["mask"])
+    assert image.shape == mask.shape == (32, 32, 24)
+    assert np.allclose(image.affine, mask.affine)
+    assert not np.allclose(image.affine, np.eye(4))
+    hu = np.asarray(image.dataobj)
+    assert hu.min() <= -900 and hu.max() >= 100  # air and soft tissue / bone in Hounsfield units

@@ -115,3 +115,18 @@ def test_3d_softcam_trains_on_nifti_volumes(dataset_3d, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").exists()
     assert (tmp_path / "eval" / "resnet18-softcam" / "gallery" / "epoch_001.png").exists()
+
+
+def test_monai_tracking_flag_logs_one_complete_run_without_duplicates(dataset_2d, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = run_bundle("--config_file", "configs/train.json", "--tracking", "mlflow", "--max_epochs", "1",
+                        "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"),
+                        "--ckpt_dir", str(tmp_path / "models"), *TINY, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = _runs(tmp_path / "eval")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["head"] == "softcam"  # our handler still logs the hyperparameters
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # 16 images, batch 4: no duplicates
+    assert len(client.get_metric_history(run.info.run_id, "auc")) == 1
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evidence_gallery")} == {"evidence_gallery/epoch_001.png"}

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 LESION_TYPES = {0: "none", 1: "solid nodule", 2: "cavitating (ring) lesion"}
 
 
@@ -145,6 +146,43 @@ class CaseIdentity:
         return f"SYN{self.seed:03d}{self.index:05d}"
 
 
+def _dicom_case(identity: CaseIdentity, sop_class: str, modality: str, study: str, instance: int = 1) -> pydicom.Dataset:
+    """The patient, study, series, equipment and SOP attributes shared by every synthetic DICOM image."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = identity.uid(f"instance/{instance}")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = generate_uid(entropy_srcs=["softcam-bundle"])
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{8 + identity.index % 10:02d}0000"
+    ds.AccessionNumber = f"ACC{identity.index:07d}"
+    ds.Modality = modality
+    ds.Manufacturer = "SoftCAM synthetic data"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = study
+    ds.PatientName = f"SYNTHETIC^CASE{identity.index:05d}"
+    ds.PatientID = identity.patient_id
+    ds.PatientBirthDate = f"19{50 + identity.index % 45:02d}0{1 + identity.index % 9}15"
+    ds.PatientSex = "FM"[identity.index % 2]
+    ds.StudyInstanceUID = identity.uid("study")
+    ds.SeriesInstanceUID = identity.uid("series")
+    ds.StudyID = f"{identity.index}"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.BodyPartExamined = "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if modality == "CT" else ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated = 16
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = 1.0
+    return ds
+
+
 def write_cr_dicom(path: Path, attenuation: np.ndarray, identity: CaseIdentity, rng: np.random.Generator) -> None:
     """Write an attenuation image (H, W) in [0, 1] as a CR DICOM file with its own UIDs."""
     bits = int(rng.choice([12, 14, 16]))
@@ -157,53 +195,52 @@ def write_cr_dicom(path: Path, attenuation: np.ndarray, identity: CaseIdentity, 
         stored = (top - stored).astype(np.uint16)
     lo, hi = np.percentile(stored, [1, 99]) + intercept
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = identity.uid("instance")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = generate_uid(entropy_srcs=["softcam-bundle"])
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{8 + identity.index % 10:02d}0000"
-    ds.AccessionNumber = f"ACC{identity.index:07d}"
-    ds.Modality = "CR"
-    ds.Manufacturer = "SoftCAM synthetic data"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic chest radiograph"
+    ds = _dicom_case(identity, CR_IMAGE_STORAGE, "CR", "Synthetic chest radiograph")
     ds.SeriesDescription = "PA"
-    ds.PatientName = f"SYNTHETIC^CASE{identity.index:05d}"
-    ds.PatientID = identity.patient_id
-    ds.PatientBirthDate = f"19{50 + identity.index % 45:02d}0{1 + identity.index % 9}15"
-    ds.PatientSex = "FM"[identity.index % 2]
-    ds.StudyInstanceUID = identity.uid("study")
-    ds.SeriesInstanceUID = identity.uid("series")
-    ds.StudyID = f"{identity.index}"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.Rows, ds.Columns = attenuation.shape
-    ds.BitsAllocated = 16
     ds.BitsStored = bits
     ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
     ds.PixelSpacing = [spacing, spacing]
     ds.ImagerPixelSpacing = [spacing, spacing]
     ds.RescaleIntercept = intercept
-    ds.RescaleSlope = 1.0
     ds.RescaleType = "US"
     ds.WindowCenter = round(float((lo + hi) / 2), 1)
     ds.WindowWidth = round(float(max(hi - lo, 1.0)), 1)
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def write_ct_series(folder: Path, hu: np.ndarray, affine: np.ndarray, identity: CaseIdentity) -> None:
+    """Write a volume (X, Y, Z) in HU with a RAS ``affine`` (axis-aligned) as a CT DICOM series, one
+    file per slice, such that MONAI's PydicomReader gives back the same array and affine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spacing = np.abs(np.diag(affine)[:3])
+    origin_lps = affine[:3, 3] * np.array([-1.0, -1.0, 1.0])  # DICOM patient space is LPS, NIfTI's RAS
+    for k in range(hu.shape[2]):
+        ds = _dicom_case(identity, CT_IMAGE_STORAGE, "CT", "Synthetic chest CT", instance=k + 1)
+        ds.SeriesDescription = "Axial"
+        ds.PatientPosition = "HFS"
+        ds.FrameOfReferenceUID = identity.uid("frame-of-reference")
+        ds.PositionReferenceIndicator = ""
+        ds.KVP = "120"
+        ds.AcquisitionNumber = 1
+        # the reader's first array axis runs along the row direction (columns), the second down the rows
+        ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin_lps + np.array([0.0, 0.0, k * spacing[2]])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # (between rows, between columns)
+        ds.SliceThickness = float(spacing[2])
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.RescaleIntercept = -1024.0
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = -600.0, 1500.0
+        ds.PixelData = (hu[:, :, k].T.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"slice_{k + 1:04d}.dcm", enforce_file_format=True)
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -218,9 +255,11 @@ def radiograph_mask_affine(spacing: float) -> np.ndarray:
 
 
 def ct_affine(rng: np.random.Generator, shape) -> np.ndarray:
-    spacing = np.array([rng.uniform(1.4, 1.8), rng.uniform(1.4, 1.8), rng.uniform(2.0, 3.0)])
+    """An axis-aligned RAS affine with anisotropic spacing and an off-centre origin, rounded to
+    what a DICOM decimal string holds so that the NIfTI and DICOM copies agree exactly."""
+    spacing = np.round([rng.uniform(1.4, 1.8), rng.uniform(1.4, 1.8), rng.uniform(2.0, 3.0)], 3)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2 + rng.uniform(-20, 20, 3)
+    affine[:3, 3] = np.round(-spacing * (np.array(shape) - 1) / 2 + rng.uniform(-20, 20, 3), 2)
     return affine
 
 
@@ -231,11 +270,12 @@ def _labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_classes: int = 2,
-                 size: int | None = None) -> dict:
+                 size: int | None = None, dicom_series: bool = False) -> dict:
     """Write ``n`` cases to ``out`` and a Decathlon-style ``datalist.json`` (70/15/15 split, stratified).
 
-    Returns the datalist. 2D cases are ``images/case_XXXXX.dcm``, 3D ``images/case_XXXXX.nii.gz``;
-    masks ``masks/case_XXXXX.nii.gz`` for positive cases.
+    Returns the datalist. 2D cases are ``images/case_XXXXX.dcm``, 3D ``images/case_XXXXX.nii.gz``
+    (with ``dicom_series``, also a CT series folder ``series/case_XXXXX/``, which the datalist then
+    names); masks ``masks/case_XXXXX.nii.gz`` for positive cases.
     """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
@@ -265,6 +305,9 @@ def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_clas
             mask_affine = ct_affine(rng, shape)
             image_path = out / "images" / f"{name}.nii.gz"
             _write_nifti(image_path, volume, mask_affine)
+            if dicom_series:
+                image_path = out / "series" / name
+                write_ct_series(image_path, volume, mask_affine, CaseIdentity(index, seed))
         item["image"] = str(image_path.relative_to(out))
         if label:
             mask_path = out / "masks" / f"{name}.nii.gz"

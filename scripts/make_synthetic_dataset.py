@@ -18,9 +18,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classes", type=int, default=2, choices=(2, 3), help="2: lesion presence, 3: lesion type")
     parser.add_argument("--size", type=int, default=None, help="image rows (2D, default 256) or volume side (3D, 64)")
+    parser.add_argument("--dicom-series", action="store_true", help="3D: also write each volume as a CT DICOM series")
     args = parser.parse_args()
     start = time.time()
-    datalist = make_dataset(args.out, dims=args.dims, n=args.n, seed=args.seed, num_classes=args.classes, size=args.size)
+    datalist = make_dataset(args.out, dims=args.dims, n=args.n, seed=args.seed, num_classes=args.classes, size=args.size,
+                            dicom_series=args.dicom_series)
     counts = {k: len(datalist[k]) for k in ("training", "validation", "test")}
     print(f"wrote {args.n} {args.dims}D cases to {args.out} in {time.time() - start:.0f}s: {counts}")
 

@@ -84,3 +84,20 @@ def test_volumes_are_nifti_with_a_real_affine_shared_by_their_masks(dataset_3d):
     assert not np.allclose(image.affine, np.eye(4))
     hu = np.asarray(image.dataobj)
     assert hu.min() <= -900 and hu.max() >= 100  # air and soft tissue / bone in Hounsfield units
+
+
+def test_volumes_as_dicom_series_load_back_to_the_nifti_array_and_affine(tmp_path):
+    from monai.transforms import LoadImage
+
+    datalist = make_dataset(tmp_path, dims=3, n=3, seed=5, size=24, dicom_series=True)
+    item = datalist["training"][0]
+    assert item["image"].startswith("series/")
+    series = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(tmp_path / item["image"]))
+    nifti = nib.load(tmp_path / item["image"].replace("series/", "images/") + ".nii.gz")
+    assert np.array_equal(series.numpy(), nifti.get_fdata())
+    assert np.allclose(series.affine.numpy(), nifti.affine, atol=1e-4)
+    slices = sorted((tmp_path / item["image"]).glob("*.dcm"))
+    assert len(slices) == nifti.shape[2]
+    assert len({pydicom.dcmread(s).SeriesInstanceUID for s in slices}) == 1
+    for path in (slices[0], slices[-1]):
+        assert dicom_validation_errors(path) == [], path

@@ -93,7 +93,7 @@ def test_volumes_as_dicom_series_load_back_to_the_nifti_array_and_affine(tmp_pat
     item = datalist["training"][0]
     assert item["image"].startswith("series/")
     series = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(tmp_path / item["image"]))
-    nifti = nib.load(tmp_path / item["image"].replace("series/", "images/") + ".nii.gz")
+    nifti = nib.load(tmp_path / (item["image"].replace("series/", "images/") + ".nii.gz"))
     assert np.array_equal(series.numpy(), nifti.get_fdata())
     assert np.allclose(series.affine.numpy(), nifti.affine, atol=1e-4)
     slices = sorted((tmp_path / item["image"]).glob("*.dcm"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import pydicom
 from monai.config import KeysCollection
-from monai.data import MetaTensor, PydicomReader
+from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys
 
@@ -64,8 +64,6 @@ class DicomReader(PydicomReader):
 
 def medical_image_readers() -> list:
     """Readers for ``LoadImaged``: DICOM files and series folders first, then NIfTI (and what nibabel reads)."""
-    from monai.data import NibabelReader
-
     # LoadImage tries user-given readers last to first and moves on when one fails.
     return [NibabelReader(), DicomReader()]
 
@@ -91,6 +89,3 @@ class InvertMonochrome1d(MapTransform):
             inverted.meta["window_center"] = -img.meta.get("window_center", math.nan)
             d[key] = inverted
         return d
-
-
-__all__: Sequence[str] = ["DicomReader", "InvertMonochrome1d", "image_description", "medical_image_readers"]

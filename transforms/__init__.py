@@ -2,7 +2,7 @@
 
 from transforms.channels import MatchChannelsd
 from transforms.dicom import DicomReader, InvertMonochrome1d, image_description, medical_image_readers
-from transforms.intensity import WindowIntensityd
+from transforms.intensity import WindowIntensityd, window_bounds
 
 __all__ = [
     "DicomReader",
@@ -11,4 +11,5 @@ __all__ = [
     "WindowIntensityd",
     "image_description",
     "medical_image_readers",
+    "window_bounds",
 ]

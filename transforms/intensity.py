@@ -11,6 +11,18 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 
+def window_bounds(values: np.ndarray, center: float = math.nan, width: float = math.nan,
+                  percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    """(lower, upper) intensity of a display window: ``center`` +- ``width``/2 when both are finite
+    and the width positive, otherwise the ``percentiles`` of ``values``."""
+    if math.isfinite(center) and math.isfinite(width) and width > 0:
+        return center - width / 2, center + width / 2
+    flat = np.asarray(values, dtype=np.float32).ravel()
+    flat = flat[:: max(1, flat.size // 1_000_000)]  # a subsample is plenty for percentiles
+    lower, upper = np.percentile(flat, percentiles)
+    return float(lower), float(upper)
+
+
 class WindowIntensityd(MapTransform):
     """Map intensities into [0, 1] through a window, clipping outside it.
 
@@ -40,12 +52,7 @@ class WindowIntensityd(MapTransform):
         center, width = self.window if self.window is not None else (math.nan, math.nan)
         if self.window is None and self.use_dicom_window:
             center, width = float(meta.get("window_center", math.nan)), float(meta.get("window_width", math.nan))
-        if math.isfinite(center) and math.isfinite(width) and width > 0:
-            return center - width / 2, center + width / 2
-        values = img.detach().cpu().numpy().ravel()
-        values = values[:: max(1, values.size // 1_000_000)]  # a subsample is plenty for percentiles
-        lower, upper = np.percentile(values, self.percentiles)
-        return float(lower), float(upper)
+        return window_bounds(img.detach().cpu().numpy(), center, width, self.percentiles)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)

@@ -1,0 +1,82 @@
+"""Evidence maps as DICOM Parametric Maps: the float evidence values themselves, for software."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, atomic_write, copy_body_part, derived_uid
+
+
+class NoFrameOfReference(ValueError):
+    """The source has no Frame of Reference (projection X-ray, say): a Parametric Map cannot refer to it."""
+
+
+class ParametricMapWriter:
+    """Write the raw float32 evidence of one source image (or one series) as a Parametric Map.
+
+    Only for sources with a Frame of Reference (CT, MR, ...); for others ``build`` raises
+    ``NoFrameOfReference`` with the reason, so callers can log it and go on. Values are stored
+    as they came out of the model with an identity real world value mapping (no unit).
+    UIDs derive from the sources and the model, as for the Secondary Captures.
+    """
+
+    def __init__(self, model: ModelIdentity, series_number: int = 9002):
+        self.model = model
+        self.series_number = series_number
+
+    def build(self, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> hd.pm.ParametricMap:
+        """``evidence``: (rows, cols) for one source image, or (n, rows, cols) for n source slices."""
+        first = sources[0]
+        if "FrameOfReferenceUID" not in first:
+            raise NoFrameOfReference(
+                f"{first.get('Modality', 'this')} image has no Frame of Reference: no Parametric Map, "
+                "the Secondary Capture carries the evidence"
+            )
+        values = np.asarray(evidence, dtype=np.float32)
+        if values.ndim == 2:
+            values = values[None]
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            high = low + 1.0
+        mapping = hd.pm.RealWorldValueMapping(
+            lut_label="EVIDENCE",
+            lut_explanation=f"SoftCAM evidence for {class_name}"[:64],
+            unit=codes.UCUM.NoUnits,
+            value_range=(low, high),
+            slope=1.0,
+            intercept=0.0,
+        )
+        source_uids = "/".join(ds.SOPInstanceUID for ds in sources)
+        return hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=values,
+            series_instance_uid=derived_uid(first.SeriesInstanceUID, self.model, "parametric-map-series"),
+            series_number=self.series_number,
+            sop_instance_uid=derived_uid(source_uids, self.model, f"parametric-map/{class_name}"),
+            instance_number=1,
+            manufacturer=self.model.manufacturer,
+            manufacturer_model_name=self.model.name[:64],
+            software_versions=self.model.version,
+            device_serial_number=self.model.weights_digest or "none",
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[hd.VOILUTTransformation(window_center=(low + high) / 2, window_width=high - low)],
+            content_label="EVIDENCE",
+            content_description=f"SoftCAM class evidence, {RESEARCH_NOTE}"[:64],
+            content_qualification=hd.ContentQualificationValues.RESEARCH,
+        )
+
+    def write(self, path: Path, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> Path:
+        """Build the Parametric Map and write it to ``path`` atomically (temporary name, then rename)."""
+        pm = self.build(sources, evidence, class_name)
+        pm.SeriesDescription = f"SoftCAM evidence values ({RESEARCH_NOTE})"[:64]
+        pm.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {self.model.description}"[:1024]
+        copy_body_part(sources[0], pm)
+        with atomic_write(Path(path)) as tmp:
+            pm.save_as(tmp, enforce_file_format=True)
+        return Path(path)

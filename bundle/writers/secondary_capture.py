@@ -1,0 +1,155 @@
+"""Evidence maps as RGB Secondary Capture images: a picture of the evidence for people in a PACS viewer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.pixels import apply_modality_lut
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from bundle.writers.common import (
+    RESEARCH_NOTE,
+    ModelIdentity,
+    atomic_write,
+    copy_body_part,
+    derived_uid,
+    patient_orientation,
+)
+from transforms.dicom import COLOUR_INTERPRETATIONS, image_description
+from transforms.intensity import window_bounds
+
+MIN_DISPLAY_SIDE = 256  # smaller sources are enlarged (nearest neighbour) so the legend stays legible
+SOURCE_IMAGE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation  # DCM 121322
+
+
+def source_frame(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray:
+    """One frame of a source image for display: (rows, cols, 3) float in [0, 1].
+
+    Greyscale: modality LUT, then the file's VOI window (or the 0.5-99.5 percentiles), MONOCHROME1
+    inverted. Colour: as decoded (pydicom converts YBR to RGB), scaled by the stored bit depth.
+    """
+    pixels = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1)) > 1:
+        pixels = pixels[frame]
+    info = image_description(ds)
+    if info["photometric_interpretation"] in COLOUR_INTERPRETATIONS or info["samples_per_pixel"] == 3:
+        return np.clip(pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1), 0, 1)
+    values = apply_modality_lut(pixels, ds).astype(np.float32)
+    lower, upper = window_bounds(values, info["window_center"], info["window_width"])
+    grey = np.clip((values - lower) / max(upper - lower, 1e-6), 0, 1)
+    if info["photometric_interpretation"] == "MONOCHROME1":
+        grey = 1.0 - grey
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def blend_evidence(display: np.ndarray, evidence: np.ndarray, max_alpha: float = 0.6) -> np.ndarray:
+    """Jet-coloured evidence over a display image, both (rows, cols[, 3]) on the same grid.
+
+    The map is min-max scaled; its opacity grows with the evidence (up to ``max_alpha``), so
+    regions without evidence show the image unchanged. Returns uint8 (rows, cols, 3).
+    """
+    if evidence.shape != display.shape[:2]:
+        raise ValueError(f"evidence map {evidence.shape} is not on the image grid {display.shape[:2]}")
+    span = float(evidence.max() - evidence.min())
+    heat = (evidence - evidence.min()) / span if span > 0 else np.zeros_like(evidence, dtype=np.float32)
+    colour = colormaps["jet"](heat)[..., :3]
+    alpha = max_alpha * heat[..., None]
+    return np.round(255 * ((1 - alpha) * display + alpha * colour)).astype(np.uint8)
+
+
+def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+    """Append a black band under the image with the given text lines and a jet colour bar."""
+    width = rgb.shape[1]
+    font_size = max(10, width // 40)
+    font = ImageFont.load_default(size=font_size)
+    band = Image.new("RGB", (width, (font_size + 4) * len(lines) + font_size + 10), "black")
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * (font_size + 4)), line, fill="white", font=font)
+    bar = (np.asarray(colormaps["jet"](np.linspace(0, 1, width // 3))[:, :3]) * 255).astype(np.uint8)
+    y = 4 + len(lines) * (font_size + 4)
+    band.paste(Image.fromarray(np.repeat(bar[None], font_size // 2 + 2, axis=0)), (4, y))
+    draw.text((8 + width // 3, y - 2), "less -> more evidence", fill="white", font=font)
+    return np.concatenate([rgb, np.asarray(band)], axis=0)
+
+
+class SecondaryCaptureWriter:
+    """Write the evidence map of one source image as an RGB Secondary Capture (highdicom).
+
+    The SC keeps the source's patient and study; its series is new and derived from the source
+    series and the model, its SOP Instance UID from the source instance, frame, class and model,
+    so writing again gives the same UIDs. It references the source image, names the model in
+    DerivationDescription, is marked RESEARCH, and carries no patient-identifying text.
+    """
+
+    def __init__(self, model: ModelIdentity, class_names: dict[int, str] | None = None, series_number: int = 9001):
+        self.model = model
+        self.class_names = class_names or {}
+        self.series_number = series_number
+
+    def build(self, source: pydicom.Dataset, evidence: np.ndarray, predicted_class: int, probability: float,
+              frame: int = 0) -> hd.sc.SCImage:
+        """``evidence``: (rows, cols) float map of ``predicted_class`` on the source frame's pixel grid."""
+        display = source_frame(source, frame)
+        rgb = blend_evidence(display, np.asarray(evidence, dtype=np.float32))
+        scale = max(1, math.ceil(MIN_DISPLAY_SIDE / min(rgb.shape[:2])))
+        if scale > 1:
+            rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+        name = self.class_names.get(predicted_class, f"class {predicted_class}")
+        rgb = draw_legend(rgb, [f"{name}: p = {probability:.2f}", self.model.description, RESEARCH_NOTE])
+        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        orientation = patient_orientation(source)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=derived_uid(source.SeriesInstanceUID, self.model, "secondary-capture-series"),
+            series_number=self.series_number,
+            sop_instance_uid=derived_uid(source.SOPInstanceUID, self.model, f"secondary-capture/{frame}/{predicted_class}"),
+            instance_number=int(source.get("InstanceNumber") or 1) * max(1, int(source.get("NumberOfFrames", 1))) + frame,
+            manufacturer=self.model.manufacturer,
+            pixel_spacing=tuple(float(s) / scale for s in spacing) if spacing else None,
+            # highdicom insists on an orientation for patient images; DICOM allows it empty when unknown
+            patient_orientation=orientation or ("L", "F"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        if orientation is None:
+            sc.PatientOrientation = None
+        self._describe(sc, source, name, frame)
+        return sc
+
+    def _describe(self, sc: hd.sc.SCImage, source: pydicom.Dataset, class_name: str, frame: int) -> None:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if int(source.get("NumberOfFrames", 1)) > 1:
+            reference.ReferencedFrameNumber = frame + 1
+        purpose = pydicom.Dataset()
+        purpose.CodeValue, purpose.CodingSchemeDesignator = SOURCE_IMAGE_PURPOSE.value, SOURCE_IMAGE_PURPOSE.scheme_designator
+        purpose.CodeMeaning = SOURCE_IMAGE_PURPOSE.meaning
+        reference.PurposeOfReferenceCodeSequence = [purpose]
+        sc.SourceImageSequence = [reference]
+        sc.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {self.model.description}"[:1024]
+        sc.SeriesDescription = f"SoftCAM evidence ({RESEARCH_NOTE})"[:64]
+        sc.BurnedInAnnotation = "NO"  # the legend names the class and model: nothing identifying
+        sc.ContentQualification = "RESEARCH"
+        sc.ManufacturerModelName = self.model.name[:64]
+        sc.SoftwareVersions = self.model.version
+        copy_body_part(source, sc)
+
+    def write(self, path: Path, source: pydicom.Dataset, evidence: np.ndarray, predicted_class: int,
+              probability: float, frame: int = 0) -> Path:
+        """Build the SC and write it to ``path`` atomically (temporary name, then rename)."""
+        sc = self.build(source, evidence, predicted_class, probability, frame)
+        with atomic_write(Path(path)) as tmp:
+            sc.save_as(tmp, enforce_file_format=True)
+        return Path(path)

@@ -7,6 +7,7 @@ import sqlite3
 import mlflow
 import pydicom
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 from tests.conftest import ROOT, run_bundle
@@ -45,7 +46,7 @@ def trained_softcam(dataset_2d, tmp_path_factory):
 
 def test_training_writes_the_best_checkpoint(trained_softcam):
     out, _, _ = trained_softcam
-    state = __import__("torch").load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "head.class_evidence_layer.weight" in state
 
 
@@ -99,7 +100,7 @@ def test_black_box_baseline_by_one_switch_and_tracking_uri_from_the_environment(
                         "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"),
                         "--ckpt_dir", str(tmp_path / "models"), *TINY, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = __import__("torch").load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "head.fc.weight" in state
     assert store.exists() and not (tmp_path / "eval" / "mlflow.db").exists()
     run = mlflow.MlflowClient(f"sqlite:///{store}").search_runs(

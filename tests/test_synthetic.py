@@ -6,6 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from scipy import ndimage
 
 import transforms
 from bundle.synthetic import make_dataset
@@ -70,7 +71,6 @@ def test_masks_line_up_with_the_lesions(dataset, request):
         assert mask.sum() > 0
         lesion = mask > 0
         # the ring just outside the mask is background: the lesion is brighter than what surrounds it
-        from scipy import ndimage
         ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
         assert image[lesion].mean() > image[ring].mean(), item["image"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pydicom
+from pydicom.pixels import get_decoder
 
 SPLITS = ("training", "validation", "test")
 
@@ -23,16 +24,52 @@ class DatalistError(SystemExit):
         super().__init__(f"{datalist}: {len(problems)} entries cannot be used:\n  " + "\n  ".join(problems))
 
 
-def _read_problem(path: Path) -> str | None:
-    """Why the image at ``path`` (DICOM file, DICOM series folder or NIfTI) cannot be read, or None."""
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mgz")
+
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def dicom_problem(ds: pydicom.Dataset, file_size: int | None = None) -> str | None:
+    """Why the pixels of a DICOM dataset read with ``defer_size`` cannot be used, or None.
+
+    With ``file_size``, pixel data that would run past the end of the file is reported as truncated.
+    """
+    present = [k for k in PIXEL_KEYWORDS if k in ds]
+    if not present:
+        kind = getattr(ds.get("SOPClassUID"), "name", "")
+        return "DICOM file holds no pixel data" + (f" ({kind})" if kind else "")
+    raw = ds.get_item(present[0], keep_deferred=True)
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if file_size is not None and tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > file_size:
+        return f"file is truncated ({file_size} bytes, pixel data needs {tell + length})"
+    if not int(ds.get("Rows", 0)) or not int(ds.get("Columns", 0)):
+        return "image has a zero-size axis"
+    syntax = getattr(ds, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            return f"unsupported transfer syntax {syntax.name} ({syntax})"
+        if not available:
+            return f"no decoder installed for transfer syntax {syntax.name}"
+    return None
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image at ``path`` (DICOM file, DICOM series folder or NIfTI) cannot be read, or None.
+
+    Reads headers only (pixel data stays on disk), so checking a whole dataset is cheap.
+    """
+    path = Path(path)
     if not path.exists():
         return "file not found"
     if path.is_dir():
         files = [f for f in sorted(path.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
-        return _read_problem(files[0]) if files else "folder holds no DICOM file"
+        return image_problem(files[0]) if files else "folder holds no DICOM file"
     if path.stat().st_size == 0:
         return "file is empty"
-    if path.name.endswith((".nii", ".nii.gz", ".img", ".hdr", ".mgz")):
+    if path.name.endswith(NIFTI_SUFFIXES):
         try:
             header = nib.load(path).header
             return None if all(d > 0 for d in header.get_data_shape()) else "image has a zero-size axis"
@@ -43,9 +80,7 @@ def _read_problem(path: Path) -> str | None:
         ds = pydicom.dcmread(path, defer_size="1 KB")
     except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
         return f"not a readable DICOM file ({type(err).__name__}: {err})"
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return "DICOM file holds no pixel data"
-    return None
+    return dicom_problem(ds, path.stat().st_size)
 
 
 def load_datalist(dataset_dir: str | Path, filename: str = "datalist.json", num_classes: int | None = None) -> dict:
@@ -83,7 +118,7 @@ def load_datalist(dataset_dir: str | Path, filename: str = "datalist.json", num_
             for key in ("image", "mask"):
                 if key in entry:
                     item[key] = str(dataset_dir / entry[key])
-                    problem = _read_problem(Path(item[key]))
+                    problem = image_problem(Path(item[key]))
                     if problem:
                         problems.append(f"{where} {key} {entry[key]}: {problem}")
             datalist[split].append(item)

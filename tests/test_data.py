@@ -29,6 +29,7 @@ def test_every_bad_entry_is_reported_naming_the_entry_and_the_file(tmp_path):
     del report.PixelData
     report.save_as(tmp_path / "no_pixels.dcm")
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (tmp_path / "truncated.dcm").write_bytes((tmp_path / "good.dcm").read_bytes()[:-1000])
     _write_datalist(tmp_path, [
         {"image": "good.dcm", "label": 0},
         {"image": "missing.dcm", "label": 1},
@@ -38,11 +39,12 @@ def test_every_bad_entry_is_reported_naming_the_entry_and_the_file(tmp_path):
         {"image": "broken.nii.gz", "label": 0},
         {"image": "good.dcm", "label": 5},
         {"image": "good.dcm", "label": 1, "mask": "no_mask.nii.gz"},
+        {"image": "truncated.dcm", "label": 1},
     ])
     with pytest.raises(DatalistError) as err:
         load_datalist(tmp_path, num_classes=2)
     problems = err.value.problems
-    assert len(problems) == 7
+    assert len(problems) == 8
     message = str(err.value)
     for expected in ("training[1] image missing.dcm: file not found",
                      "training[2] image empty.dcm: file is empty",
@@ -50,7 +52,8 @@ def test_every_bad_entry_is_reported_naming_the_entry_and_the_file(tmp_path):
                      "training[4] image no_pixels.dcm: DICOM file holds no pixel data",
                      "training[5] image broken.nii.gz: not a readable NIfTI file",
                      "training[6] good.dcm: label 5 is not a class index in [0, 2)",
-                     "training[7] mask no_mask.nii.gz: file not found"):
+                     "training[7] mask no_mask.nii.gz: file not found",
+                     "training[8] image truncated.dcm: file is truncated"):
         assert expected in message
 
 

@@ -1,0 +1,71 @@
+import shutil
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+
+from bundle.inputs import discover_inputs
+from bundle.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """A folder as a hospital might send it: files, a series, multi-frame, NIfTI and junk."""
+    root = tmp_path_factory.mktemp("incoming")
+    for name in ("CT_small.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm"):
+        shutil.copy(get_testdata_file(name), root / name)
+    synthetic = tmp_path_factory.mktemp("synthetic3d")
+    make_dataset(synthetic, dims=3, n=2, seed=9, size=16, dicom_series=True)
+    shutil.copytree(synthetic / "series" / "case_00000", root / "ct_series")
+    shutil.copy(synthetic / "images" / "case_00001.nii.gz", root / "volume.nii.gz")
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty.dcm").write_bytes(b"")
+    whole = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    (root / "truncated.dcm").write_bytes(whole[:-1000])  # cut inside the pixel data
+    (root / "header_only.dcm").write_bytes(whole[:700])  # cut before the pixel data
+    report = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del report.PixelData
+    report.save_as(root / "no_pixels.dcm")
+    mpeg = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    mpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2: no decoder exists
+    mpeg.PixelData = encapsulate([b"\x00" * 64])
+    mpeg.save_as(root / "video.dcm")
+    return root
+
+
+def _reasons(failures):
+    return {f.path.name: f.reason for f in failures}
+
+
+def test_a_2d_model_gets_every_image_and_every_frame(mixed_folder):
+    inputs, failures = discover_inputs(mixed_folder, spatial_dims=2)
+    names = [i.name.removeprefix(str(mixed_folder) + "/") for i in inputs]
+    assert "CT_small.dcm" in names and "JPEG2000.dcm" in names and "volume.nii.gz" in names
+    assert "SC_rgb_rle_2frame.dcm#frame1" in names and "SC_rgb_rle_2frame.dcm#frame2" in names
+    assert sum(n.startswith("ct_series/") for n in names) == 12  # one input per slice
+    reasons = _reasons(failures)
+    assert reasons["empty.dcm"] == "file is empty"
+    assert reasons["notes.txt"].startswith("not a readable DICOM or NIfTI file")
+    assert reasons["truncated.dcm"].startswith("file is truncated")
+    assert reasons["header_only.dcm"] == "DICOM file holds no pixel data (CT Image Storage)"
+    assert reasons["no_pixels.dcm"] == "DICOM file holds no pixel data (CT Image Storage)"
+    assert reasons["video.dcm"].startswith("unsupported transfer syntax MPEG2")
+
+
+def test_a_3d_model_gets_series_as_volumes(mixed_folder):
+    inputs, failures = discover_inputs(mixed_folder, spatial_dims=3)
+    by_kind = {i.kind: i for i in inputs}
+    assert set(by_kind) == {"dicom-series", "dicom-multiframe", "nifti"}
+    series = by_kind["dicom-series"]
+    assert len(series.files) == 12
+    positions = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in series.files]
+    assert positions == sorted(positions)  # slice order
+    reasons = _reasons(failures)
+    assert reasons["CT_small.dcm"] == "a single 2D image cannot be the input of a 3D model"
+    assert "video.dcm" in reasons and "empty.dcm" in reasons
+
+
+def test_a_missing_input_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input folder not found"):
+        discover_inputs(tmp_path / "nowhere", 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,16 @@ def tracking_uri(output_dir: str | Path, uri: str | None = None) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlflow.db"))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of an embedded SQLite store go in ``mlruns`` beside the database (as MONAI's
+    MLFlowHandler puts them), not in the working directory; a server decides for itself."""
+    from monai.utils import path_to_uri
+
+    if uri.startswith("sqlite:///"):
+        return path_to_uri(Path(uri.removeprefix("sqlite:///")).parent / "mlruns")
+    return None
 
 
 def log_artifact_to_active_run(uri: str, experiment_name: str, run_name: str, path: Path, artifact_path: str) -> bool:
@@ -44,3 +55,60 @@ def log_artifact_to_active_run(uri: str, experiment_name: str, run_name: str, pa
         return False
     client.log_artifact(runs[0].info.run_id, str(path), artifact_path)
     return True
+
+
+class InferenceTracking:
+    """Log an inference run to MLflow: model identity, counts, the predictions table and overlays.
+
+    The table logged here has no input paths (file names may carry UIDs); only row number, input
+    kind, predicted class and probabilities.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, max_overlays: int = 16):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.max_overlays = max_overlays
+
+    def log_inference(self, runner, results, failures) -> None:
+        import csv
+        import tempfile
+
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            self.experiment_name, artifact_location=artifact_location(self.tracking_uri))
+        run = client.create_run(experiment_id, run_name=self.run_name)
+        run_id = run.info.run_id
+        try:
+            params = {"model": runner.model.name, "model_version": runner.model.version,
+                      "weights": runner.model.weights_digest, "spatial_dims": runner.spatial_dims,
+                      "all_classes": runner.all_classes}
+            for key, value in params.items():
+                client.log_param(run_id, key, value)
+            client.log_metric(run_id, "inputs_processed", len(results))
+            client.log_metric(run_id, "inputs_failed", len(failures))
+            for k in sorted({r.predicted_class for r in results}):
+                client.log_metric(run_id, f"predicted_{k}", sum(r.predicted_class == k for r in results))
+            with tempfile.TemporaryDirectory() as folder:
+                table = Path(folder) / "predictions.csv"
+                with open(table, "w", newline="") as f:
+                    writer = csv.writer(f)
+                    classes = range(len(results[0].probabilities)) if results else []
+                    writer.writerow(["row", "kind", "frame", "predicted_class"] + [f"p_{k}" for k in classes])
+                    for i, r in enumerate(results):
+                        writer.writerow([i, r.input.kind, "" if r.input.frame is None else r.input.frame + 1,
+                                         r.predicted_class, *[f"{p:.6f}" for p in r.probabilities]])
+                client.log_artifact(run_id, str(table))
+                overlays = Path(folder) / "overlays"  # neutral names: input file names may carry UIDs
+                overlays.mkdir()
+                for i, r in enumerate(results[: self.max_overlays]):
+                    for png in r.outputs.get("png", []):
+                        shutil.copy(runner.output_dir / png, overlays / f"overlay_{i:03d}.png")
+                client.log_artifacts(run_id, str(overlays), "overlays")
+            client.set_terminated(run_id, "FINISHED")
+        except Exception:
+            client.set_terminated(run_id, "FAILED")
+            raise

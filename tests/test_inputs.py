@@ -1,37 +1,7 @@
-import shutil
-
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
 
 from bundle.inputs import discover_inputs
-from bundle.synthetic import make_dataset
-
-
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory):
-    """A folder as a hospital might send it: files, a series, multi-frame, NIfTI and junk."""
-    root = tmp_path_factory.mktemp("incoming")
-    for name in ("CT_small.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm"):
-        shutil.copy(get_testdata_file(name), root / name)
-    synthetic = tmp_path_factory.mktemp("synthetic3d")
-    make_dataset(synthetic, dims=3, n=2, seed=9, size=16, dicom_series=True)
-    shutil.copytree(synthetic / "series" / "case_00000", root / "ct_series")
-    shutil.copy(synthetic / "images" / "case_00001.nii.gz", root / "volume.nii.gz")
-    (root / "notes.txt").write_text("not an image")
-    (root / "empty.dcm").write_bytes(b"")
-    whole = open(get_testdata_file("CT_small.dcm"), "rb").read()
-    (root / "truncated.dcm").write_bytes(whole[:-1000])  # cut inside the pixel data
-    (root / "header_only.dcm").write_bytes(whole[:700])  # cut before the pixel data
-    report = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    del report.PixelData
-    report.save_as(root / "no_pixels.dcm")
-    mpeg = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    mpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2: no decoder exists
-    mpeg.PixelData = encapsulate([b"\x00" * 64])
-    mpeg.save_as(root / "video.dcm")
-    return root
 
 
 def _reasons(failures):

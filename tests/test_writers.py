@@ -6,7 +6,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from bundle.synthetic import make_dataset
-from bundle.writers import ModelIdentity, NoFrameOfReference, ParametricMapWriter, SecondaryCaptureWriter, atomic_write
+from bundle.writers import ModelIdentity, ParametricMapNotApplicable, ParametricMapWriter, SecondaryCaptureWriter, atomic_write
 from bundle.writers.secondary_capture import blend_evidence, source_frame
 from tests.conftest import dicom_validation_errors
 
@@ -120,7 +120,7 @@ def test_parametric_maps_hold_the_float_evidence_and_pass_dciodvfy(tmp_path, syn
 
 def test_no_parametric_map_without_a_frame_of_reference(synthetic_sources):
     cr, _ = synthetic_sources
-    with pytest.raises(NoFrameOfReference, match="CR image has no Frame of Reference"):
+    with pytest.raises(ParametricMapNotApplicable, match="CR image has no Frame of Reference"):
         ParametricMapWriter(MODEL).build([cr], np.zeros((cr.Rows, cr.Columns)), "lesion")
 
 

@@ -12,15 +12,16 @@ from pydicom.sr.codedict import codes
 from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, atomic_write, copy_body_part, derived_uid
 
 
-class NoFrameOfReference(ValueError):
-    """The source has no Frame of Reference (projection X-ray, say): a Parametric Map cannot refer to it."""
+class ParametricMapNotApplicable(ValueError):
+    """The source has no Frame of Reference or no image plane (projection X-ray, NM, ...): a
+    Parametric Map cannot be placed on it, and the Secondary Capture alone carries the evidence."""
 
 
 class ParametricMapWriter:
     """Write the raw float32 evidence of one source image (or one series) as a Parametric Map.
 
-    Only for sources with a Frame of Reference (CT, MR, ...); for others ``build`` raises
-    ``NoFrameOfReference`` with the reason, so callers can log it and go on. Values are stored
+    Only for sources with a Frame of Reference and an image plane (CT, MR, ...); for others ``build``
+    raises ``ParametricMapNotApplicable`` with the reason, so callers can log it and go on. Values are stored
     as they came out of the model with an identity real world value mapping (no unit).
     UIDs derive from the sources and the model, as for the Secondary Captures.
     """
@@ -29,12 +30,19 @@ class ParametricMapWriter:
         self.model = model
         self.series_number = series_number
 
+    def sop_instance_uid(self, sources: list[pydicom.Dataset], class_name: str) -> str:
+        """The map's SOP Instance UID: derived from every source instance, the class and the model."""
+        return derived_uid("/".join(ds.SOPInstanceUID for ds in sources), self.model, f"parametric-map/{class_name}")
+
     def build(self, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> hd.pm.ParametricMap:
         """``evidence``: (rows, cols) for one source image, or (n, rows, cols) for n source slices."""
         first = sources[0]
-        if "FrameOfReferenceUID" not in first:
-            raise NoFrameOfReference(
-                f"{first.get('Modality', 'this')} image has no Frame of Reference: no Parametric Map, "
+        missing = [k for k in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+                   if k not in first]
+        if missing:
+            what = "Frame of Reference" if "FrameOfReferenceUID" in missing else "image plane (" + ", ".join(missing) + ")"
+            raise ParametricMapNotApplicable(
+                f"{first.get('Modality', 'this')} image has no {what}: no Parametric Map, "
                 "the Secondary Capture carries the evidence"
             )
         values = np.asarray(evidence, dtype=np.float32)
@@ -51,13 +59,12 @@ class ParametricMapWriter:
             slope=1.0,
             intercept=0.0,
         )
-        source_uids = "/".join(ds.SOPInstanceUID for ds in sources)
         return hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=values,
             series_instance_uid=derived_uid(first.SeriesInstanceUID, self.model, "parametric-map-series"),
             series_number=self.series_number,
-            sop_instance_uid=derived_uid(source_uids, self.model, f"parametric-map/{class_name}"),
+            sop_instance_uid=self.sop_instance_uid(sources, class_name),
             instance_number=1,
             manufacturer=self.model.manufacturer,
             manufacturer_model_name=self.model.name[:64],
@@ -65,7 +72,11 @@ class ParametricMapWriter:
             device_serial_number=self.model.weights_digest or "none",
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
-            voi_lut_transformations=[hd.VOILUTTransformation(window_center=(low + high) / 2, window_width=high - low)],
+            # LINEAR_EXACT: evidence can span less than 1, which a LINEAR window may not
+            voi_lut_transformations=[hd.VOILUTTransformation(
+                window_center=(low + high) / 2, window_width=high - low,
+                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+            )],
             content_label="EVIDENCE",
             content_description=f"SoftCAM class evidence, {RESEARCH_NOTE}"[:64],
             content_qualification=hd.ContentQualificationValues.RESEARCH,

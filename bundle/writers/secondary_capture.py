@@ -27,6 +27,16 @@ from transforms.intensity import window_bounds
 
 MIN_DISPLAY_SIDE = 256  # smaller sources are enlarged (nearest neighbour) so the legend stays legible
 SOURCE_IMAGE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation  # DCM 121322
+# Storage SOP classes whose instances are multi-frame by definition (PS3.4 Annex B): only these may be
+# referenced with ReferencedFrameNumber. Enhanced CT/MR/XA/US, multi-frame SC, US, XA, RF, NM, DBT, PET.
+MULTI_FRAME_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2", "1.2.840.10008.5.1.4.1.1.4.1",
+    "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.6.2",
+    "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.1.1",
+    "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.12.2.1", "1.2.840.10008.5.1.4.1.1.13.1.3",
+    "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.130",
+})
 
 
 def source_frame(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray:
@@ -94,6 +104,10 @@ class SecondaryCaptureWriter:
         self.class_names = class_names or {}
         self.series_number = series_number
 
+    def sop_instance_uid(self, source: pydicom.Dataset, predicted_class: int, frame: int = 0) -> str:
+        """The SC's SOP Instance UID: derived from the source instance, frame, class and model."""
+        return derived_uid(source.SOPInstanceUID, self.model, f"secondary-capture/{frame}/{predicted_class}")
+
     def build(self, source: pydicom.Dataset, evidence: np.ndarray, predicted_class: int, probability: float,
               frame: int = 0) -> hd.sc.SCImage:
         """``evidence``: (rows, cols) float map of ``predicted_class`` on the source frame's pixel grid."""
@@ -114,7 +128,7 @@ class SecondaryCaptureWriter:
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=derived_uid(source.SeriesInstanceUID, self.model, "secondary-capture-series"),
             series_number=self.series_number,
-            sop_instance_uid=derived_uid(source.SOPInstanceUID, self.model, f"secondary-capture/{frame}/{predicted_class}"),
+            sop_instance_uid=self.sop_instance_uid(source, predicted_class, frame),
             instance_number=int(source.get("InstanceNumber") or 1) * max(1, int(source.get("NumberOfFrames", 1))) + frame,
             manufacturer=self.model.manufacturer,
             pixel_spacing=tuple(float(s) / scale for s in spacing) if spacing else None,
@@ -131,14 +145,16 @@ class SecondaryCaptureWriter:
         reference = pydicom.Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        if int(source.get("NumberOfFrames", 1)) > 1:
-            reference.ReferencedFrameNumber = frame + 1
+        multi_frame = int(source.get("NumberOfFrames", 1)) > 1
+        if multi_frame and source.SOPClassUID in MULTI_FRAME_SOP_CLASSES:
+            reference.ReferencedFrameNumber = frame + 1  # only multi-frame SOP classes may be referenced by frame
         purpose = pydicom.Dataset()
         purpose.CodeValue, purpose.CodingSchemeDesignator = SOURCE_IMAGE_PURPOSE.value, SOURCE_IMAGE_PURPOSE.scheme_designator
         purpose.CodeMeaning = SOURCE_IMAGE_PURPOSE.meaning
         reference.PurposeOfReferenceCodeSequence = [purpose]
         sc.SourceImageSequence = [reference]
-        sc.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {self.model.description}"[:1024]
+        of_frame = f" of frame {frame + 1}" if multi_frame else ""
+        sc.DerivationDescription = f"SoftCAM class evidence map for '{class_name}'{of_frame} by {self.model.description}"[:1024]
         sc.SeriesDescription = f"SoftCAM evidence ({RESEARCH_NOTE})"[:64]
         sc.BurnedInAnnotation = "NO"  # the legend names the class and model: nothing identifying
         sc.ContentQualification = "RESEARCH"

@@ -1,0 +1,145 @@
+"""Inference end to end through ``monai.bundle`` over a folder as a hospital might send it."""
+
+import csv
+import json
+import os
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.transforms import LoadImage
+
+import transforms
+from bundle.networks import classifier
+from tests.conftest import dicom_validation_errors, run_bundle
+
+MODEL = ["--backbone", "resnet18", "--backbone_kwargs", "{'widen_factor': 0.25}", "--image_size", "64"]
+
+
+def _checkpoint(path, spatial_dims):
+    torch.manual_seed(0)
+    net = classifier("resnet18", spatial_dims=spatial_dims, backbone_kwargs={"widen_factor": 0.25})
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _infer(input_dir, out, ckpt, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return run_bundle("--config_file", "configs/inference.json", "--input_dir", str(input_dir), "--output_dir", str(out),
+                      "--ckpt_path", str(ckpt), *MODEL, *extra, env=env)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def inference_2d(mixed_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inference2d")
+    ckpt = _checkpoint(tmp / "model.pt", 2)
+    result = _infer(mixed_folder, tmp / "out", ckpt)
+    return tmp / "out", result, ckpt
+
+
+def test_bad_inputs_are_listed_and_the_rest_processed(inference_2d):
+    out, result, _ = inference_2d
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "inputs could not be processed" in result.stderr
+    failures = {os.path.basename(r["input"]): r["reason"] for r in _rows(out / "failures.csv")}
+    assert failures["empty.dcm"] == "file is empty"
+    assert failures["truncated.dcm"].startswith("file is truncated")
+    assert failures["no_pixels.dcm"].startswith("DICOM file holds no pixel data")
+    assert failures["video.dcm"].startswith("unsupported transfer syntax")
+    assert failures["volume.nii.gz"] == "a 3D image cannot be the input of a 2D model"
+    predictions = _rows(out / "predictions.csv")
+    names = {os.path.basename(r["input"]) + (f"#{r['frame']}" if r["frame"] else "") for r in predictions}
+    assert {"CT_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm#1", "SC_rgb_rle_2frame.dcm#2"} <= names
+    assert len(predictions) == 3 + 12 + 1  # three files (two frames of one), twelve series slices
+    for row in predictions:
+        assert float(row["p_no lesion"]) + float(row["p_lesion"]) == pytest.approx(1.0, abs=1e-4)
+        assert row["model_version"] == "0.1.0" and len(row["weights"]) == 12
+
+
+def test_every_dicom_output_passes_dciodvfy(inference_2d):
+    out, _, _ = inference_2d
+    files = sorted((out / "dicom").rglob("*.dcm"))
+    assert len(list((out / "dicom" / "secondary_capture").glob("*.dcm"))) == 16
+    # Parametric Maps only where the source has a Frame of Reference: CT_small and the CT slices
+    assert len(list((out / "dicom" / "parametric_map").glob("*.dcm"))) == 13
+    for path in files:
+        assert dicom_validation_errors(path) == [], path
+
+
+def test_the_nifti_map_lies_on_the_source_grid(inference_2d, mixed_folder):
+    out, _, _ = inference_2d
+    for name in ("CT_small", "JPEG2000"):
+        evidence = nib.load(out / "maps" / f"{name}_evidence.nii.gz")
+        source = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(mixed_folder / f"{name}.dcm"))
+        assert evidence.shape == tuple(source.shape)
+        assert np.allclose(evidence.affine, source.affine.numpy())
+    assert (out / "overlays" / "CT_small.png").exists()
+
+
+def test_parametric_map_and_overlay_come_from_the_same_evidence(inference_2d):
+    out, _, _ = inference_2d
+    record = next(r for r in json.loads((out / "predictions.json").read_text()) if r["input"].endswith("CT_small.dcm"))
+    pm = pydicom.dcmread(out / record["outputs"]["pm"][0])
+    stored = np.frombuffer(pm.FloatPixelData, dtype=np.float32).reshape(pm.Rows, pm.Columns)
+    nifti = nib.load(out / record["outputs"]["nifti"][0]).get_fdata().astype(np.float32)
+    assert np.array_equal(stored, nifti.T)  # NIfTI holds (x, y) = (column, row)
+    sc = pydicom.dcmread(out / record["outputs"]["sc"][0])
+    pm_source = pm.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == pm_source
+
+
+def test_running_again_gives_the_same_output_uids(inference_2d, mixed_folder, tmp_path):
+    out, _, ckpt = inference_2d
+    again = _infer(mixed_folder, tmp_path / "again", ckpt)
+    assert again.returncode == 2
+    first = sorted(p.name for p in (out / "dicom").rglob("*.dcm"))
+    assert first == sorted(p.name for p in (tmp_path / "again" / "dicom").rglob("*.dcm"))
+    assert not list((tmp_path / "again").rglob("*.part"))
+
+
+def test_the_inference_run_is_tracked_without_identifiers(inference_2d, mixed_folder):
+    out, result, _ = inference_2d
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("softcam-inference").experiment_id])[0]
+    assert run.data.params["model_version"] == "0.1.0"
+    assert run.data.metrics["inputs_processed"] == 16
+    assert run.data.metrics["inputs_failed"] == len(_rows(out / "failures.csv"))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.csv", "overlays"}
+    identifiers = set()
+    for path in mixed_folder.rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        identifiers |= {str(v) for v in (ds.get("PatientName"), ds.get("PatientID"), ds.get("StudyInstanceUID"),
+                                          ds.get("SOPInstanceUID")) if v}
+    assert list((out / "mlruns").rglob("overlay_000.png"))  # artifacts sit beside the store, and are scanned
+    mlflow_store = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file() and ("mlruns" in p.parts or p.suffix == ".db"))
+    logs = (result.stdout + result.stderr).encode()
+    for identifier in identifiers:
+        assert identifier.encode() not in mlflow_store and identifier.encode() not in logs, identifier
+
+
+def test_a_3d_model_turns_a_series_into_one_input_and_writes_a_map_per_series(mixed_folder, tmp_path):
+    ckpt = _checkpoint(tmp_path / "model3d.pt", 3)
+    result = _infer(mixed_folder, tmp_path / "out", ckpt, "--spatial_dims", "3", "--image_size", "32")
+    assert result.returncode == 2, result.stderr[-2000:]
+    predictions = _rows(tmp_path / "out" / "predictions.csv")
+    kinds = {r["kind"] for r in predictions}
+    assert {"dicom-series", "nifti"} <= kinds
+    series = next(r for r in json.loads((tmp_path / "out" / "predictions.json").read_text()) if r["kind"] == "dicom-series")
+    assert len(series["outputs"]["sc"]) == 12 and len(series["outputs"]["pm"]) == 1
+    pm_path = tmp_path / "out" / series["outputs"]["pm"][0]
+    assert dicom_validation_errors(pm_path) == []
+    assert pydicom.dcmread(pm_path).NumberOfFrames == 12
+    volume = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(mixed_folder / "ct_series"))
+    evidence = nib.load(tmp_path / "out" / series["outputs"]["nifti"][0])
+    assert evidence.shape == tuple(volume.shape) and np.allclose(evidence.affine, volume.affine.numpy(), atol=1e-4)

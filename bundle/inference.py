@@ -205,6 +205,7 @@ class EvidenceInference:
         self.amp = amp
         self.tracking = tracking
         self.model = ModelIdentity(model_name, model_version)
+        self._notes: set[str] = set()
 
     def class_name(self, k: int) -> str:
         return self.class_names.get(k, f"class {k}")
@@ -330,7 +331,9 @@ class EvidenceInference:
         try:
             pm_writer.write(path, datasets, planes if len(datasets) > 1 else planes[0], name)
         except ParametricMapNotApplicable as why:
-            logger.info("input %s: %s", source.kind, why)
+            if str(why) not in self._notes:  # once per reason and run, not once per image
+                self._notes.add(str(why))
+                logger.info("%s", why)
             return
         result.outputs.setdefault("pm", []).append(str(path.relative_to(self.output_dir)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -74,11 +75,16 @@ def blend_evidence(display: np.ndarray, evidence: np.ndarray, max_alpha: float =
     return np.round(255 * ((1 - alpha) * display + alpha * colour)).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # loading it per image costs more than drawing
+
+
 def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     """Append a black band under the image with the given text lines and a jet colour bar."""
     width = rgb.shape[1]
     font_size = max(10, width // 40)
-    font = ImageFont.load_default(size=font_size)
+    font = _font(font_size)
     band = Image.new("RGB", (width, (font_size + 4) * len(lines) + font_size + 10), "black")
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):

@@ -39,6 +39,8 @@ demo: install
 		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']" --dataset_dir $(DEMO)/data \
 			--output_dir $(DEMO)/eval --ckpt_dir $(DEMO)/models/$$head --head $$head $(DEMO_MODEL) || exit 1; \
 	done
+	$(BUNDLE_RUN) --config_file configs/inference.json --input_dir $(DEMO)/data/images --output_dir $(DEMO)/inference \
+		--ckpt_path $(DEMO)/models/softcam/model.pt --tracking_uri sqlite:///$(abspath $(DEMO))/eval/mlflow.db $(DEMO_MODEL)
 	$(BIN)/python scripts/demo_summary.py --demo $(DEMO) --output_dir $(DEMO)/eval
 
 test: install-test

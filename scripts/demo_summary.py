@@ -27,6 +27,10 @@ def main() -> None:
         print(f"{'':28s} checkpoint   {args.demo / 'models' / head / 'model.pt'}")
         print(f"{'':28s} metrics      {metrics_file}")
         print(f"{'':28s} galleries    {args.output_dir / f'{args.backbone}-{head}' / 'gallery'}")
+    inference = args.demo / "inference"
+    if (inference / "predictions.csv").is_file():
+        print(f"\nSoftCAM inference over {args.demo / 'data' / 'images'}: {inference}")
+        print(f"{'':28s} predictions.csv, maps/ (NIfTI), overlays/ (PNG), dicom/secondary_capture/")
     store = (args.output_dir / "mlflow.db").resolve()
     print(f"\nMLflow store: {store}")
     print(f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}  (then http://127.0.0.1:5000)")

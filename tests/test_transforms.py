@@ -101,3 +101,22 @@ def test_window_known_answers():
     # a NaN DICOM window (none in the file) falls back to percentiles
     ramp.meta["window_center"], ramp.meta["window_width"] = math.nan, math.nan
     assert transforms.WindowIntensityd("image")({"image": ramp})["image"].max() == 1.0
+
+
+@pytest.mark.parametrize("name, syntax", [
+    ("SC_rgb_jpeg_dcmtk.dcm", "JPEG Baseline"),
+    ("SC_rgb_jpeg_gdcm.dcm", "JPEG Lossless"),
+    ("SC_rgb_jls_lossy_line.dcm", "JPEG-LS"),
+    ("JPEG2000.dcm", "JPEG 2000"),
+    ("SC_rgb_rle.dcm", "RLE Lossless"),
+])
+def test_compressed_transfer_syntaxes_decode(name, syntax):
+    path = get_testdata_file(name)
+    assert syntax in pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
+    image = load(path)
+    assert image.numel() > 0 and float(image.max()) > float(image.min())
+
+
+def test_lossless_jpeg2000_decodes_to_the_uncompressed_pixels():
+    compressed = load(get_testdata_file("MR_small_jp2klossless.dcm"))
+    assert torch.equal(compressed, load(get_testdata_file("MR_small.dcm")))

@@ -143,3 +143,20 @@ def test_a_3d_model_turns_a_series_into_one_input_and_writes_a_map_per_series(mi
     volume = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(mixed_folder / "ct_series"))
     evidence = nib.load(tmp_path / "out" / series["outputs"]["nifti"][0])
     assert evidence.shape == tuple(volume.shape) and np.allclose(evidence.affine, volume.affine.numpy(), atol=1e-4)
+
+
+def test_all_classes_writes_a_map_and_capture_per_class(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    ckpt = _checkpoint(tmp_path / "model.pt", 2)
+    result = _infer(folder, tmp_path / "out", ckpt, "--all_classes", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
+    assert sorted(os.path.basename(p) for p in record["outputs"]["nifti"]) == ["ct_class0_evidence.nii.gz",
+                                                                              "ct_class1_evidence.nii.gz"]
+    assert len(record["outputs"]["sc"]) == 2 and len(record["outputs"]["pm"]) == 2
+    uids = {pydicom.dcmread(tmp_path / "out" / p).SOPInstanceUID for p in record["outputs"]["sc"]}
+    assert len(uids) == 2

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,19 @@ class EvidenceInference:
         )
         sc_writer = SecondaryCaptureWriter(self.model, self.class_names)
         pm_writer = ParametricMapWriter(self.model)
-        pending: list[tuple[InferenceInput, Future]] = []
+        pending: deque[tuple[InferenceResult, Future]] = deque()
+        max_pending = 2 * self.batch_size  # bounds the images and maps held for the writers
+
+        def settle(limit: int) -> None:
+            while len(pending) > limit:
+                result, future = pending.popleft()
+                try:
+                    future.result()
+                    results.append(result)
+                except Exception as err:  # a writer failure is this input's; its partial files were never renamed
+                    reason = f"writing outputs failed ({type(err).__name__}: {err})"
+                    failures.append(InputFailure(result.input.files[0], reason))
+
         with ThreadPoolExecutor(max_workers=self.writer_threads) as pool:
             for batch in loader:
                 ok = [item for item in batch if "error" not in item]
@@ -233,16 +246,10 @@ class EvidenceInference:
                     continue
                 probabilities, maps = self._predict(torch.stack([item["image"].as_tensor() for item in ok]))
                 for item, p, m in zip(ok, probabilities, maps):
-                    source = inputs[item["index"]]
-                    result = InferenceResult(source, [float(v) for v in p], int(p.argmax()))
-                    results.append(result)
-                    pending.append((source, pool.submit(self._write, result, item, m, sc_writer, pm_writer)))
-            for source, future in pending:
-                try:
-                    future.result()
-                except Exception as err:  # a writer failure is this input's; its partial files were never renamed
-                    failures.append(InputFailure(source.files[0], f"writing outputs failed ({type(err).__name__}: {err})"))
-                    results = [r for r in results if r.input is not source]
+                    result = InferenceResult(inputs[item["index"]], [float(v) for v in p], int(p.argmax()))
+                    pending.append((result, pool.submit(self._write, result, item, m, sc_writer, pm_writer)))
+                settle(max_pending)
+            settle(0)
         self._write_tables(results, failures)
         if self.tracking is not None:
             self.tracking.log_inference(self, results, failures)

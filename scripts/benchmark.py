@@ -62,8 +62,17 @@ def forward_only(runner, input_dir: Path, batch_size: int, repeats: int) -> floa
     return repeats * len(images) / (time.perf_counter() - start)
 
 
-def pipeline(runner) -> float:
-    """Images per second of the whole run: discover, decode, preprocess, forward, write every output."""
+def pipeline(runner, warm_up: int = 8) -> float:
+    """Images per second of the whole run (discover, decode, preprocess, forward, write every output)
+    in steady state: a first run over ``warm_up`` of the images pays the one-off start-up costs
+    (imports, kernel selection, first writer calls) that a long folder amortises."""
+    input_dir, output_dir = runner.input_dir, runner.output_dir
+    with tempfile.TemporaryDirectory() as warm:
+        for path in sorted(input_dir.glob("*.dcm"))[:warm_up]:
+            (Path(warm) / path.name).symlink_to(path)
+        runner.input_dir, runner.output_dir = Path(warm), output_dir.with_name(output_dir.name + "-warm-up")
+        runner.run()
+    runner.input_dir, runner.output_dir = input_dir, output_dir
     start = time.perf_counter()
     results, _ = runner.run()
     return len(results) / (time.perf_counter() - start)
@@ -120,7 +129,8 @@ def main() -> None:
             forward = forward_only(runner, tmp / "data" / "images", runner.batch_size, args.repeats)
             rows.append({"model": label, "pipeline_images_per_s": round(full, 2),
                          "forward_images_per_s": round(forward, 2), "ratio": round(full / forward, 3),
-                         "batch_size": runner.batch_size, "num_workers": runner.num_workers})
+                         "batch_size": runner.batch_size, "num_workers": runner.num_workers,
+                         "writer_threads": runner.writer_threads})
             print(rows[-1], flush=True)
         costs = output_costs(tmp / "data" / "images", tmp)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -145,15 +155,17 @@ def write_markdown(path: Path, facts: dict) -> None:
         "  DataLoader workers, forward pass with evidence maps, invert to the source grid, write NIfTI map,",
         "  PNG overlay, RGB Secondary Capture, predictions and failures tables (CR has no Parametric Map).",
         "- **forward only**: `forward_with_maps` + upsampling on the same preprocessed images held in memory.",
+        "- both in steady state: the pipeline is timed on its second run (the first, on 8 of the images,",
+        "  pays one-off start-up costs), the forward pass after one warm-up batch.",
         "",
         "## Inference: whole DICOM pipeline vs forward pass",
         "",
-        "| model | pipeline (images/s) | forward only (images/s) | ratio | target |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | pipeline (images/s) | forward only (images/s) | ratio | target | loader workers / writer threads |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in facts["results"]:
         lines.append(f"| {row['model']} | {row['pipeline_images_per_s']} | {row['forward_images_per_s']} | "
-                     f"{row['ratio']} | >= 0.7 |")
+                     f"{row['ratio']} | >= 0.7 | {row['num_workers']} / {row['writer_threads']} |")
     lines += [
         "",
         "## What bounds the pipeline",

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from bundle.inputs import InferenceInput, InputFailure, discover_inputs
 from bundle.networks.classifier import ImageClassifier
+from bundle.visualize import display_plane
 from bundle.writers import ModelIdentity, ParametricMapNotApplicable, ParametricMapWriter, SecondaryCaptureWriter, atomic_write
 from bundle.writers.secondary_capture import blend_evidence
 from transforms.dicom import image_description
@@ -244,7 +245,7 @@ class EvidenceInference:
                 failures += [InputFailure(inputs[item["index"]].files[0], item["error"]) for item in batch if "error" in item]
                 if not ok:
                     continue
-                probabilities, maps = self._predict(torch.stack([item["image"].as_tensor() for item in ok]))
+                probabilities, maps = self.predict(torch.stack([item["image"].as_tensor() for item in ok]))
                 for item, p, m in zip(ok, probabilities, maps):
                     result = InferenceResult(inputs[item["index"]], [float(v) for v in p], int(p.argmax()))
                     pending.append((result, pool.submit(self._write, result, item, m, sc_writer, pm_writer)))
@@ -260,7 +261,7 @@ class EvidenceInference:
         return results, failures
 
     @torch.no_grad()
-    def _predict(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Softmax probabilities (B, C) and class maps (B, C, S, S[, S]) upsampled to the network input."""
         images = images.to(self.device)
         with torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda"):
@@ -305,13 +306,10 @@ class EvidenceInference:
 
     def _write_png(self, stem: str, display: np.ndarray, evidence: np.ndarray) -> str:
         """Overlay on the network input: 3D volumes at the slice of maximum evidence."""
-        if display.ndim == 3:
-            k = int(np.unravel_index(np.argmax(evidence), evidence.shape)[-1])
-            display, evidence = display[..., k], evidence[..., k]
-        grey = np.repeat(display.T[..., None], 3, axis=-1)  # MONAI arrays are (x, y): rows are the 2nd axis
+        plane, heat = display_plane(display, evidence)
         path = self.output_dir / "overlays" / f"{stem}.png"
         with atomic_write(path) as tmp:
-            Image.fromarray(blend_evidence(grey, evidence.T)).save(tmp, format="PNG")
+            Image.fromarray(blend_evidence(np.repeat(plane[..., None], 3, axis=-1), heat)).save(tmp, format="PNG")
         return str(path.relative_to(self.output_dir))
 
     def _write_dicom(self, result: InferenceResult, evidence: np.ndarray, k: int, sc_writer, pm_writer) -> None:

@@ -26,7 +26,7 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(x)
 
 
-def _display_slice(image: np.ndarray, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def display_plane(image: np.ndarray, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2D arrays (rows, cols) to show: 3D volumes at the slice of the map's maximum (last axis)."""
     if image.ndim == 3:
         k = int(np.unravel_index(np.argmax(heat), heat.shape)[-1])
@@ -53,7 +53,7 @@ def save_evidence_gallery(
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     for i in range(n):
-        img, h = _display_slice(images[i, 0].float().cpu().numpy(), heat[i, 0].cpu().numpy())
+        img, h = display_plane(images[i, 0].float().cpu().numpy(), heat[i, 0].cpu().numpy())
         axes[0, i].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[1, i].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[1, i].imshow(h, cmap="jet", alpha=alpha, vmin=0, vmax=1)

@@ -50,13 +50,13 @@ def forward_only(runner, input_dir: Path, batch_size: int, repeats: int) -> floa
     images = torch.stack([dataset[i]["image"].as_tensor() for i in range(len(dataset))]).to(runner.device)
     runner.network.to(runner.device).eval()
     with torch.no_grad():
-        runner._predict(images[:batch_size])  # warm-up
+        runner.predict(images[:batch_size])  # warm-up
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
             for i in range(0, len(images), batch_size):
-                runner._predict(images[i : i + batch_size])
+                runner.predict(images[i : i + batch_size])
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
     return repeats * len(images) / (time.perf_counter() - start)

@@ -75,12 +75,24 @@ def image_problem(path: Path) -> str | None:
             return None if all(d > 0 for d in header.get_data_shape()) else "image has a zero-size axis"
         except Exception as err:  # nibabel raises many types for bad files
             return f"not a readable NIfTI file ({type(err).__name__}: {err})"
+    return dicom_header(path)[1]
+
+
+def dicom_header(path: Path, unreadable: str = "not a readable DICOM file") -> tuple[pydicom.Dataset | None, str | None]:
+    """The header of a DICOM file (pixel data left on disk) and None, or None and why it cannot be used.
+
+    ``unreadable`` starts the reason given when the file is not DICOM at all.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return None, "file is empty"
     try:
         # defer_size keeps the pixel data unread but its presence visible: a cheap, complete header check
         ds = pydicom.dcmread(path, defer_size="1 KB")
     except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-        return f"not a readable DICOM file ({type(err).__name__}: {err})"
-    return dicom_problem(ds, path.stat().st_size)
+        return None, f"{unreadable} ({type(err).__name__}: {err})"
+    problem = dicom_problem(ds, size)
+    return (None, problem) if problem else (ds, None)
 
 
 def load_datalist(dataset_dir: str | Path, filename: str = "datalist.json", num_classes: int | None = None) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 
-from bundle.data import NIFTI_SUFFIXES, dicom_problem, image_problem
+from bundle.data import NIFTI_SUFFIXES, dicom_header, image_problem
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,7 @@ def discover_inputs(input_dir: str | Path, spatial_dims: int) -> tuple[list[Infe
             else:
                 inputs.append(InferenceInput("nifti", (path,)))
             continue
-        if path.stat().st_size == 0:
-            failures.append(InputFailure(path, "file is empty"))
-            continue
-        try:
-            ds = pydicom.dcmread(path, defer_size="1 KB")
-        except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-            failures.append(InputFailure(path, f"not a readable DICOM or NIfTI file ({type(err).__name__}: {err})"))
-            continue
-        problem = dicom_problem(ds, path.stat().st_size)
+        ds, problem = dicom_header(path, unreadable="not a readable DICOM or NIfTI file")
         if problem:
             failures.append(InputFailure(path, problem))
             continue

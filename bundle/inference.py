@@ -281,14 +281,15 @@ class EvidenceInference:
         classes = range(maps.shape[0]) if self.all_classes else [result.predicted_class]
         on_grid = self._on_input_grid(item, maps)
         stem = self._stem(result.input)
+        sources = [pydicom.dcmread(f) for f in result.input.files] if result.input.kind.startswith("dicom") else []
         for k in classes:
             evidence = on_grid[k].detach().cpu().numpy().astype(np.float32)
             suffix = "" if k == result.predicted_class and not self.all_classes else f"_class{k}"
             result.outputs.setdefault("nifti", []).append(self._write_nifti(stem + suffix, evidence, on_grid.affine))
             if k == result.predicted_class:
                 result.outputs["png"] = [self._write_png(stem, item["display"], maps[k].numpy())]
-            if result.input.kind.startswith("dicom"):
-                self._write_dicom(result, evidence, k, sc_writer, pm_writer)
+            if sources:
+                self._write_dicom(result, sources, evidence, k, sc_writer, pm_writer)
 
     def _stem(self, source: InferenceInput) -> str:
         where = source.files[0] if source.kind != "dicom-series" else source.files[0].parent
@@ -312,17 +313,17 @@ class EvidenceInference:
             Image.fromarray(blend_evidence(np.repeat(plane[..., None], 3, axis=-1), heat)).save(tmp, format="PNG")
         return str(path.relative_to(self.output_dir))
 
-    def _write_dicom(self, result: InferenceResult, evidence: np.ndarray, k: int, sc_writer, pm_writer) -> None:
-        """An SC per source image (or slice, or frame) and, with a Frame of Reference, one Parametric Map."""
+    def _write_dicom(self, result: InferenceResult, datasets: list[pydicom.Dataset], evidence: np.ndarray, k: int,
+                     sc_writer, pm_writer) -> None:
+        """An SC per source image (or slice, or frame) of ``datasets`` (the input's files, read once for
+        every class) and, with a Frame of Reference, one Parametric Map."""
         source = result.input
         if source.kind == "dicom-multiframe":
             logger.info("input %s: DICOM outputs for multi-frame volumes are not written yet (NIfTI and PNG are)", source.kind)
             return
         if source.kind == "dicom-series":
-            datasets = [pydicom.dcmread(f) for f in source.files]
             planes = _series_planes(evidence, datasets)  # (n, rows, cols) in file order
         else:
-            datasets = [pydicom.dcmread(source.files[0])]
             planes = evidence.T[None]  # (cols, rows) as MONAI loads it -> (1, rows, cols)
         frame = source.frame or 0
         for ds, plane in zip(datasets, planes):

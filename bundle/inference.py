@@ -41,7 +41,7 @@ from bundle.networks.classifier import ImageClassifier
 from bundle.visualize import display_plane
 from bundle.writers import ModelIdentity, ParametricMapNotApplicable, ParametricMapWriter, SecondaryCaptureWriter, atomic_write
 from bundle.writers.secondary_capture import blend_evidence
-from transforms.dicom import image_description
+from transforms.dicom import frame_slices, image_description, is_enhanced_volume
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class EvidenceInference:
             if k == result.predicted_class:
                 result.outputs["png"] = [self._write_png(stem, item["display"], maps[k].numpy())]
             if sources:
-                self._write_dicom(result, sources, evidence, k, sc_writer, pm_writer)
+                self._write_dicom(result, sources, evidence, np.asarray(on_grid.affine), k, sc_writer, pm_writer)
 
     def _stem(self, source: InferenceInput) -> str:
         where = source.files[0] if source.kind != "dicom-series" else source.files[0].parent
@@ -310,23 +310,26 @@ class EvidenceInference:
         plane, heat = display_plane(display, evidence)
         path = self.output_dir / "overlays" / f"{stem}.png"
         with atomic_write(path) as tmp:
-            Image.fromarray(blend_evidence(np.repeat(plane[..., None], 3, axis=-1), heat)).save(tmp, format="PNG")
+            overlay = blend_evidence(np.repeat(plane[..., None], 3, axis=-1), heat)
+            Image.fromarray(overlay).save(tmp, format="PNG", compress_level=1)  # level 1: a third of the CPU of 6
         return str(path.relative_to(self.output_dir))
 
-    def _write_dicom(self, result: InferenceResult, datasets: list[pydicom.Dataset], evidence: np.ndarray, k: int,
-                     sc_writer, pm_writer) -> None:
+    def _write_dicom(self, result: InferenceResult, datasets: list[pydicom.Dataset], evidence: np.ndarray,
+                     affine: np.ndarray, k: int, sc_writer, pm_writer) -> None:
         """An SC per source image (or slice, or frame) of ``datasets`` (the input's files, read once for
-        every class) and, with a Frame of Reference, one Parametric Map."""
+        every class) and, with a Frame of Reference, one Parametric Map. ``evidence`` lies on the input's
+        grid with RAS ``affine``."""
         source = result.input
         if source.kind == "dicom-multiframe":
-            logger.info("input %s: DICOM outputs for multi-frame volumes are not written yet (NIfTI and PNG are)", source.kind)
-            return
-        if source.kind == "dicom-series":
+            planes = _frame_planes(evidence, datasets[0], affine)  # (frames, rows, cols) in frame order
+            images = [(datasets[0], f) for f in range(len(planes))]
+        elif source.kind == "dicom-series":
             planes = _series_planes(evidence, datasets)  # (n, rows, cols) in file order
+            images = [(ds, 0) for ds in datasets]
         else:
             planes = evidence.T[None]  # (cols, rows) as MONAI loads it -> (1, rows, cols)
-        frame = source.frame or 0
-        for ds, plane in zip(datasets, planes):
+            images = [(datasets[0], source.frame or 0)]
+        for (ds, frame), plane in zip(images, planes):
             path = self.output_dir / "dicom" / "secondary_capture" / f"{sc_writer.sop_instance_uid(ds, k, frame)}.dcm"
             sc_writer.write(path, ds, plane, k, result.probabilities[k], frame=frame)
             result.outputs.setdefault("sc", []).append(str(path.relative_to(self.output_dir)))
@@ -335,7 +338,7 @@ class EvidenceInference:
         name = self.class_name(k)
         path = self.output_dir / "dicom" / "parametric_map" / f"{pm_writer.sop_instance_uid(datasets, name)}.dcm"
         try:
-            pm_writer.write(path, datasets, planes if len(datasets) > 1 else planes[0], name)
+            pm_writer.write(path, datasets, planes if len(planes) > 1 else planes[0], name)
         except ParametricMapNotApplicable as why:
             if str(why) not in self._notes:  # once per reason and run, not once per image
                 self._notes.add(str(why))
@@ -370,6 +373,15 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def _frame_planes(evidence: np.ndarray, ds: pydicom.Dataset, affine: np.ndarray) -> np.ndarray:
+    """Volume (cols, rows, slices) of a multi-frame image -> (frames, rows, cols) in frame order: an
+    enhanced image's frames by their plane positions, other multi-frame images (NM, US) frame by frame."""
+    slices = frame_slices(ds, affine) if is_enhanced_volume(ds) else list(range(evidence.shape[-1]))
+    if len(slices) != evidence.shape[-1] or sorted(slices) != list(range(evidence.shape[-1])):
+        raise ValueError(f"the frames of the source do not map one to one onto the {evidence.shape[-1]} slices of the map")
+    return np.stack([evidence[..., s].T for s in slices])
 
 
 def _series_planes(evidence: np.ndarray, datasets: list[pydicom.Dataset]) -> np.ndarray:

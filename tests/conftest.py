@@ -7,6 +7,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
 
 from bundle.synthetic import make_dataset
 
@@ -52,6 +53,21 @@ def mixed_folder(tmp_path_factory):
     mpeg.PixelData = encapsulate([b"\x00" * 64])
     mpeg.save_as(root / "video.dcm")
     return root
+
+
+@pytest.fixture(scope="session")
+def enhanced_ct(mixed_folder, tmp_path_factory) -> Path:
+    """The mixed folder's CT series as one Legacy Converted Enhanced CT file (a volume in one multi-frame file)."""
+    import highdicom as hd
+
+    series = [pydicom.dcmread(p) for p in sorted((mixed_folder / "ct_series").iterdir())]
+    volume = hd.legacy.LegacyConvertedEnhancedCTImage(
+        series, series_instance_uid=generate_uid(entropy_srcs=["enhanced-series"]), series_number=2,
+        sop_instance_uid=generate_uid(entropy_srcs=["enhanced-instance"]), instance_number=1,
+    )
+    path = tmp_path_factory.mktemp("enhanced") / "enhanced_ct.dcm"
+    volume.save_as(path)
+    return path
 
 
 def dicom_validation_errors(path: Path) -> list[str]:

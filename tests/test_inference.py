@@ -145,6 +145,34 @@ def test_a_3d_model_turns_a_series_into_one_input_and_writes_a_map_per_series(mi
     assert evidence.shape == tuple(volume.shape) and np.allclose(evidence.affine, volume.affine.numpy(), atol=1e-4)
 
 
+def test_a_3d_model_reads_an_enhanced_multiframe_volume_and_writes_dicom_per_frame(enhanced_ct, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / enhanced_ct.name).symlink_to(enhanced_ct)
+    ckpt = _checkpoint(tmp_path / "model3d.pt", 3)
+    result = _infer(folder, tmp_path / "out", ckpt, "--spatial_dims", "3", "--image_size", "32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
+    assert record["kind"] == "dicom-multiframe"
+    source = pydicom.dcmread(enhanced_ct)
+    frames = int(source.NumberOfFrames)
+    volume = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(enhanced_ct))
+    evidence = nib.load(tmp_path / "out" / record["outputs"]["nifti"][0])
+    assert evidence.shape == tuple(volume.shape) == (16, 16, frames)
+    assert np.allclose(evidence.affine, volume.affine.numpy(), atol=1e-4)
+    captures = [pydicom.dcmread(tmp_path / "out" / p) for p in record["outputs"]["sc"]]
+    assert sorted(sc.SourceImageSequence[0].ReferencedFrameNumber for sc in captures) == list(range(1, frames + 1))
+    assert {sc.StudyInstanceUID for sc in captures} == {source.StudyInstanceUID}
+    pm_path = tmp_path / "out" / record["outputs"]["pm"][0]
+    pm = pydicom.dcmread(pm_path)
+    stored = np.frombuffer(pm.FloatPixelData, dtype=np.float32).reshape(frames, pm.Rows, pm.Columns)
+    values = evidence.get_fdata().astype(np.float32)
+    slices = transforms.dicom.frame_slices(source, evidence.affine)
+    assert np.array_equal(stored, np.stack([values[..., s].T for s in slices]))  # frame f holds the map at frame f's plane
+    for path in [pm_path, *[tmp_path / "out" / p for p in record["outputs"]["sc"]]]:
+        assert dicom_validation_errors(path) == [], path
+
+
 def test_all_classes_writes_a_map_and_capture_per_class(tmp_path):
     from pydicom.data import get_testdata_file
 

@@ -6,11 +6,14 @@ import math
 import re
 from collections.abc import Hashable, Mapping
 
+import highdicom as hd
+import numpy as np
 import pydicom
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader, PydicomReader
+from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
-from monai.utils import MetaKeys
+from monai.utils import MetaKeys, SpaceKeys
 
 _TAG_KEY = re.compile(r"^[0-9A-Fa-f]{8}$")
 COLOUR_INTERPRETATIONS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
@@ -37,10 +40,48 @@ def image_description(ds: pydicom.Dataset) -> dict:
     }
 
 
+# (slice, row, column) array indices -> (column, row, slice), the axis order MONAI gives a series
+_SLICE_ROW_COLUMN_TO_MONAI = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def is_enhanced_volume(ds: pydicom.Dataset) -> bool:
+    """A multi-frame image whose frames carry their own plane positions (enhanced and legacy-converted
+    enhanced CT, MR, PET, ...): a volume in one file."""
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds
+
+
+def enhanced_volume(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The volume of an enhanced multi-frame image as MONAI lays out a series: array (cols, rows, slices),
+    float32 with the per-frame modality transforms applied, and its RAS affine.
+
+    MONAI's PydicomReader reads such a file as a stack of frames without its geometry (identity affine,
+    axes in frame order); highdicom sorts the frames by position and derives the affine from the
+    functional groups, so this only reorders its axes and turns LPS into RAS.
+    """
+    volume = hd.Image.from_dataset(ds, copy=False).get_volume(dtype=np.float32, apply_modality_transform=True)
+    array = np.ascontiguousarray(volume.array.transpose(2, 1, 0))
+    return array, _LPS_TO_RAS @ volume.affine @ _SLICE_ROW_COLUMN_TO_MONAI
+
+
+def frame_slices(ds: pydicom.Dataset, affine: np.ndarray) -> list[int]:
+    """Index, along the last axis of a volume with RAS ``affine`` (cols, rows, slices), of each frame of
+    the enhanced multi-frame image ``ds`` (in frame order): where its plane position falls."""
+    to_index = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    shared = ds.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
+    slices = []
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        plane = frame.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        lps = np.array([float(v) for v in plane[0].ImagePositionPatient] + [1.0])
+        slices.append(int(round((to_index @ (_LPS_TO_RAS @ lps))[2])))
+    return slices
+
+
 class DicomReader(PydicomReader):
-    """MONAI's PydicomReader (rescale slope/intercept applied, series folders stacked) with two changes.
+    """MONAI's PydicomReader (rescale slope/intercept applied, series folders stacked) with three changes.
 
     - A series folder contributes only its DICOM files (MONAI's default pattern takes every file).
+    - An enhanced multi-frame volume gets its geometry (``enhanced_volume``), as a series would.
     - The metadata keeps no DICOM tag: patient and study identifiers never enter the pipeline, its
       logs or its batches. The tags preprocessing needs come as the flat fields of
       ``image_description``; colour images are marked channel-last for ``EnsureChannelFirstd``.
@@ -54,7 +95,13 @@ class DicomReader(PydicomReader):
         first = img
         while isinstance(first, (list, tuple)):
             first = first[0]
-        array, meta = super().get_data(img)
+        if isinstance(img, pydicom.Dataset) and is_enhanced_volume(img):
+            array, affine = enhanced_volume(img)
+            meta = {MetaKeys.AFFINE: affine, MetaKeys.ORIGINAL_AFFINE: affine.copy(), MetaKeys.SPATIAL_SHAPE: array.shape,
+                    MetaKeys.SPACE: SpaceKeys.RAS, MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+                    "spacing": affine_to_spacing(affine, r=3)}
+        else:
+            array, meta = super().get_data(img)
         meta = {k: v for k, v in meta.items() if not (isinstance(k, str) and _TAG_KEY.match(k))}
         meta.update(image_description(first))
         if meta["samples_per_pixel"] > 1:

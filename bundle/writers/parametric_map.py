@@ -10,6 +10,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, atomic_write, copy_body_part, derived_uid
+from transforms.dicom import is_enhanced_volume
 
 
 class ParametricMapNotApplicable(ValueError):
@@ -35,10 +36,11 @@ class ParametricMapWriter:
         return derived_uid("/".join(ds.SOPInstanceUID for ds in sources), self.model, f"parametric-map/{class_name}")
 
     def build(self, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> hd.pm.ParametricMap:
-        """``evidence``: (rows, cols) for one source image, or (n, rows, cols) for n source slices."""
+        """``evidence``: (rows, cols) for one source image, (n, rows, cols) for n source slices, or
+        (frames, rows, cols) for one enhanced multi-frame source (its plane positions in its functional groups)."""
         first = sources[0]
-        missing = [k for k in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-                   if k not in first]
+        plane = () if is_enhanced_volume(first) else ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+        missing = [k for k in ("FrameOfReferenceUID", *plane) if k not in first]
         if missing:
             what = "Frame of Reference" if "FrameOfReferenceUID" in missing else "image plane (" + ", ".join(missing) + ")"
             raise ParametricMapNotApplicable(

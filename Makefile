@@ -8,10 +8,17 @@ DEMO ?= demo
 DEMO_CASES ?= 800
 DEMO_EPOCHS ?= 12
 # The demo's backbone: ResNet-18 at a quarter width keeps a 2-core CPU run within minutes.
-DEMO_MODEL ?= --backbone resnet18 --backbone_kwargs "{'widen_factor': 0.25}" --max_epochs $(DEMO_EPOCHS)
+DEMO_MODEL ?= --backbone resnet18 --backbone_kwargs "{'widen_factor': 0.25}"
+# Sparse SoftCAM's lambda1 (chosen by `make lambda-sweep`, see docs/README.md), the sigmoid branches'
+# epochs, and how many test images the demo's explanation comparison scores (empty: all of them).
+DEMO_SPARSE_LAMBDA1 ?= 1e-3
+DEMO_BRANCH_EPOCHS ?= 5
+DEMO_COMPARE_LIMIT ?= 60
+SWEEP_LAMBDA1 ?= 0 1e-4 1e-3 1e-2
 BUNDLE_RUN := $(BIN)/python -m monai.bundle run --meta_file configs/metadata.json --logging_file configs/logging.conf
+ON_DEMO_DATA := --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval $(DEMO_MODEL)
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo lambda-sweep test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,14 +44,29 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/python scripts/make_synthetic_dataset.py --out $(DEMO)/data --n $(DEMO_CASES) --seed 0
 	for head in softcam linear; do \
-		$(BUNDLE_RUN) --config_file configs/train.json --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval \
-			--ckpt_dir $(DEMO)/models/$$head --head $$head $(DEMO_MODEL) || exit 1; \
-		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']" --dataset_dir $(DEMO)/data \
-			--output_dir $(DEMO)/eval --ckpt_dir $(DEMO)/models/$$head --head $$head $(DEMO_MODEL) || exit 1; \
+		$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) --max_epochs $(DEMO_EPOCHS) \
+			--ckpt_dir $(DEMO)/models/$$head --head $$head || exit 1; \
+		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']" $(ON_DEMO_DATA) \
+			--ckpt_dir $(DEMO)/models/$$head --head $$head || exit 1; \
 	done
+	$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) --max_epochs $(DEMO_EPOCHS) \
+		--ckpt_dir $(DEMO)/models/softcam-sparse --head softcam --lambda1 $(DEMO_SPARSE_LAMBDA1) --model_name resnet18-softcam-sparse
+	for head in linear softcam; do \
+		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/train_sigmoid_branch.json']" $(ON_DEMO_DATA) \
+			--max_epochs $(DEMO_BRANCH_EPOCHS) --head $$head --baseline_ckpt $(DEMO)/models/$$head/model.pt \
+			--ckpt_dir $(DEMO)/models/$$head-sigmoid-branch || exit 1; \
+	done
+	$(BUNDLE_RUN) --config_file "['configs/train.json','configs/compare.json']" $(ON_DEMO_DATA) --models_dir $(DEMO)/models \
+		--compare_limit "$(or $(DEMO_COMPARE_LIMIT),None)"
 	$(BUNDLE_RUN) --config_file configs/inference.json --input_dir $(DEMO)/data/images --output_dir $(DEMO)/inference \
 		--ckpt_path $(DEMO)/models/softcam/model.pt --tracking_uri sqlite:///$(abspath $(DEMO))/eval/mlflow.db $(DEMO_MODEL)
 	$(BIN)/python scripts/demo_summary.py --demo $(DEMO) --output_dir $(DEMO)/eval
+
+# Sparse SoftCAM's lambda1 against accuracy and localisation precision (the paper's way of choosing
+# it), on the demo's data: run `make demo` first.
+lambda-sweep: install
+	$(BIN)/python scripts/lambda_sweep.py --demo $(DEMO) --epochs $(DEMO_EPOCHS) --lambda1 $(SWEEP_LAMBDA1) \
+		--model "$(DEMO_MODEL)"
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,16 @@
-"""SoftCAM MONAI bundle: networks, losses, data checks, handlers and tracking.
+"""SoftCAM MONAI bundle: networks, losses, data checks, explanations, handlers, tracking and PACS.
 
-The submodules are imported here so that configs can name them after a single ``$import bundle``.
+Configs name submodules after a single ``$import bundle`` (``bundle.data.load_datalist``): they are
+imported on first use, so a tool that needs one part (the PACS node, say) does not pay for the rest.
 """
 
-from bundle import data, handlers, losses, networks, synthetic, tracking, visualize
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["data", "handlers", "losses", "networks", "synthetic", "tracking", "visualize"]
+__all__ = ["checkpoints", "data", "explain", "handlers", "losses", "networks", "pacs", "synthetic", "tracking", "visualize"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f"bundle.{name}")
+    raise AttributeError(f"module 'bundle' has no attribute {name!r}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from torch.nn.parallel import DistributedDataParallel
 
 from bundle.networks.classifier import ImageClassifier
 from bundle.tracking import log_artifact_to_active_run
@@ -21,6 +22,7 @@ class EvidenceGalleryHandler:
     the current MLflow run (``tracking_uri`` / ``experiment_name`` / ``run_name``; None: disk only).
 
     The images are taken from the evaluator's own batches, so they are exactly what it scored.
+    Maps are drawn in float32, outside any autocast.
     """
 
     def __init__(
@@ -33,7 +35,8 @@ class EvidenceGalleryHandler:
         run_name: str | None = None,
         enabled: bool = True,
     ):
-        self.network = network
+        # the gallery's forward pass runs on rank 0 alone: through DDP it would wait for the other ranks
+        self.network = network.module if isinstance(network, DistributedDataParallel) else network
         self.gallery_dir = Path(gallery_dir)
         self.num_images = num_images
         self.tracking = (tracking_uri, experiment_name, run_name) if tracking_uri and run_name else None
@@ -70,7 +73,7 @@ class EvidenceGalleryHandler:
             logits, maps = self.network.forward_with_maps(images.as_subclass(torch.Tensor).to(device))
         self.network.train(was_training)
         path = self.gallery_dir / f"epoch_{engine.state.epoch:03d}.png"
-        save_evidence_gallery(path, images, maps.cpu(), labels, logits.float().softmax(1).cpu(),
+        save_evidence_gallery(path, images, maps.float().cpu(), labels, logits.float().softmax(1).cpu(),
                               title=f"validation epoch {engine.state.epoch}")
         if self.tracking:
             try:

@@ -15,7 +15,6 @@ MONAI's collate and postprocessing would have to flatten away.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from monai.transforms import Compose
 from PIL import Image
 from torch.nn import functional as F
 
+from bundle.checkpoints import load_checkpoint, weights_digest
 from bundle.inputs import InferenceInput, InputFailure, discover_inputs
 from bundle.networks.classifier import ImageClassifier
 from bundle.visualize import display_plane
@@ -55,25 +55,6 @@ class InputsFailed(SystemExit):
     def __init__(self, failed: int, total: int, failures_csv: Path):
         self.message = f"{failed} of {total} inputs could not be processed: see {failures_csv}"
         super().__init__(2)  # an integer status prints nothing: run() writes the message to stderr
-
-
-def weights_digest(path: Path) -> str:
-    """First 12 hex digits of the checkpoint's SHA-256: outputs of other weights get other UIDs."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-def load_checkpoint(network: ImageClassifier, path: str | Path) -> None:
-    """Load a checkpoint saved by the training config (a bare state dict, or one under "model")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (train first, or pass --ckpt_path)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    network.load_state_dict(state)
 
 
 class InferenceDataset(torch.utils.data.Dataset):

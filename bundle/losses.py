@@ -56,3 +56,19 @@ class _CrossEntropy(nn.CrossEntropyLoss):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return super().forward(logits, labels.reshape(-1).long())
+
+
+class SigmoidBranchLoss(nn.Module):
+    """Class-balanced binary cross-entropy for the dual-branch sigmoid head (Oh & Noh, BMVC 2025).
+
+    L = -1/(B*C) * sum_i sum_k [(C-1) * y_ik * log s(z_ik) + (1 - y_ik) * log(1 - s(z_ik))]
+    with y the one-hot labels and z the branch logits (B, C): each class is its own sigmoid
+    problem, and the single positive per image is weighted C-1 against the C-1 negatives.
+    Called as MONAI's trainer calls a loss, ``loss(branch_logits, labels)``; labels (B,) or (B, 1).
+    """
+
+    def forward(self, branch_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        num_classes = branch_logits.shape[1]
+        one_hot = F.one_hot(labels.reshape(-1).long(), num_classes).to(branch_logits.dtype)
+        pos_weight = branch_logits.new_full((num_classes,), num_classes - 1)
+        return F.binary_cross_entropy_with_logits(branch_logits, one_hot, pos_weight=pos_weight)

@@ -112,3 +112,40 @@ class InferenceTracking:
         except Exception:
             client.set_terminated(run_id, "FAILED")
             raise
+
+
+class ComparisonTracking:
+    """Log an explanation comparison to MLflow: its counts, every number of the table (as
+    ``<column>.<row>``), and the table, curves and grid files. Nothing per image, no paths."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+
+    def log_comparison(self, rows: list[dict], files: list[Path], counts: dict[str, int]) -> None:
+        import math
+        import re
+
+        import mlflow
+        from mlflow.entities import Metric, Param
+
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            self.experiment_name, artifact_location=artifact_location(self.tracking_uri))
+        run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+        try:
+            now = int(1000 * __import__("time").time())
+            values = [Metric(f"{key}.{re.sub(r'[^0-9A-Za-z_.-]+', '_', row['method'])}", float(value), now, 0)
+                      for row in rows for key, value in row.items()
+                      if isinstance(value, float) and not math.isnan(value)]
+            for start in range(0, len(values), 900):  # MLflow takes at most 1000 metrics per batch
+                client.log_batch(run_id, metrics=values[start : start + 900])
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in counts.items()])
+            for path in files:
+                client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, "FINISHED")
+        except Exception:
+            client.set_terminated(run_id, "FAILED")
+            raise

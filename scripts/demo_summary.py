@@ -27,6 +27,11 @@ def main() -> None:
         print(f"{'':28s} checkpoint   {args.demo / 'models' / head / 'model.pt'}")
         print(f"{'':28s} metrics      {metrics_file}")
         print(f"{'':28s} galleries    {args.output_dir / f'{args.backbone}-{head}' / 'gallery'}")
+    comparison = args.output_dir / "comparison"
+    if (comparison / "comparison.md").is_file():
+        print(f"\nExplanation comparison (test split): {comparison}")
+        print(f"{'':28s} comparison.csv / .md, deletion_curves.png, method_grid.png")
+        print((comparison / "comparison.md").read_text())
     inference = args.demo / "inference"
     if (inference / "predictions.csv").is_file():
         print(f"\nSoftCAM inference over {args.demo / 'data' / 'images'}: {inference}")

@@ -131,3 +131,25 @@ def test_monai_tracking_flag_logs_one_complete_run_without_duplicates(dataset_2d
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # 16 images, batch 4: no duplicates
     assert len(client.get_metric_history(run.info.run_id, "auc")) == 1
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evidence_gallery")} == {"evidence_gallery/epoch_001.png"}
+
+
+def test_the_sigmoid_branch_trains_on_a_frozen_baseline_and_is_tracked(dataset_2d, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    common = ["--head", "linear", "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"), *TINY]
+    baseline = run_bundle("--config_file", "configs/train.json", "--max_epochs", "1",
+                          "--ckpt_dir", str(tmp_path / "baseline"), *common, env=env)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    branch = run_bundle("--config_file", "['configs/train.json','configs/train_sigmoid_branch.json']", "--max_epochs", "2",
+                        "--baseline_ckpt", str(tmp_path / "baseline" / "model.pt"), "--ckpt_dir", str(tmp_path / "branch"),
+                        *common, env=env)
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    before = torch.load(tmp_path / "baseline" / "model.pt", map_location="cpu", weights_only=True)
+    after = torch.load(tmp_path / "branch" / "model.pt", map_location="cpu", weights_only=True)
+    assert set(after) == set(before) | {"branch.fc.weight", "branch.fc.bias"}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # backbone, head and BatchNorm statistics untouched
+    assert not torch.equal(after["branch.fc.weight"], before["head.fc.weight"])
+    client, runs = _runs(tmp_path / "eval")
+    run = runs[-1]
+    assert run.info.run_name.startswith("resnet18-linear-sigmoid-branch-")
+    assert run.data.params["optimizer"] == "SGD" and run.data.params["baseline_checkpoint"] == "model.pt"
+    assert len(client.get_metric_history(run.info.run_id, "auc")) == 2

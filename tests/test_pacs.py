@@ -1,0 +1,452 @@
+"""PACS integration against a real Orthanc: C-ECHO and DICOMweb, the on-demand round trip by WADO-RS
+/ STOW-RS and by C-GET / C-MOVE / C-STORE, clear errors for wrong credentials, a wrong AE title and an
+untrusted certificate, a PACS that is down or refuses a store, and the DICOM node across a kill.
+
+Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``, installed by ``make test``) runs as
+a plain process on free loopback ports with authentication and called-AE checks on; the tests
+that need it skip, saying so, only where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
+
+from bundle.networks import classifier
+from bundle.pacs.config import REPOSITORY, Credentials, Endpoint, PacsConfigError, load_config
+from bundle.pacs.outbox import Job, jobs_in
+from bundle.pacs.pipeline import echo, resend, retriever_for, run_study
+from bundle.pacs.protocol import PacsError
+from bundle.synthetic import CaseIdentity, ct_affine, ct_volume, radiograph, write_cr_dicom, write_ct_series
+from tests.orthanc import (
+    PASSWORD,
+    USER,
+    OrthancServer,
+    TlsTerminator,
+    free_port,
+    require_orthanc,
+    self_signed_certificate,
+)
+
+OUR_AE = "EVIDENCE_AI"
+SC, PM = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"
+CREDENTIALS = {"TEST_PACS_USER": USER, "TEST_PACS_PASSWORD": PASSWORD}
+MODEL = {"backbone": "resnet18", "backbone_kwargs": {"widen_factor": 0.125}, "image_size": 32, "spatial_dims": 2,
+         "num_workers": 0, "writer_threads": 1}
+FAST_RETRY = {"attempts": 2, "first_delay_seconds": 0.05, "factor": 2.0, "max_delay_seconds": 0.2}
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def our_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, our_port):
+    """The PACS every test reads from: knows our AE (for C-GET and C-MOVE) at ``our_port``."""
+    require_orthanc()
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), "TESTPACS", {"ai": (OUR_AE, "127.0.0.1", our_port)})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(classifier("resnet18", spatial_dims=2, backbone_kwargs={"widen_factor": 0.125}).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+
+
+@dataclass
+class SourceStudy:
+    """A study on the PACS: a CT series of three 32 x 32 slices and a CR image, one patient."""
+
+    study: str
+    ct_series: str
+    cr_series: str
+    ct_instances: list[str]
+    cr_instance: str
+    files: list[Path]
+    identifiers: list[str]  # what must never show in logs or reports
+
+
+def make_source_study(folder: Path, index: int) -> SourceStudy:
+    rng = np.random.default_rng(index)
+    identity = CaseIdentity(index, seed=17)
+    shape = (32, 32, 3)
+    hu, _ = ct_volume(rng, shape, lesion_type=1)
+    write_ct_series(folder / "ct", hu, ct_affine(rng, shape), identity)
+    cr_path = folder / "cr.dcm"
+    write_cr_dicom(cr_path, radiograph(rng, (32, 32), lesion_type=0)[0], identity, rng)
+    cr = pydicom.dcmread(cr_path)  # same patient and study as the CT, a series and instance of its own
+    cr.SeriesInstanceUID = generate_uid(entropy_srcs=[f"pacs-test/{index}/cr-series"])
+    cr.SOPInstanceUID = cr.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"pacs-test/{index}/cr"])
+    cr.save_as(cr_path)
+    ct = [pydicom.dcmread(p) for p in sorted((folder / "ct").glob("*.dcm"))]
+    identifiers = [str(ct[0].PatientName), ct[0].PatientID, ct[0].StudyInstanceUID, ct[0].SeriesInstanceUID,
+                   cr.SeriesInstanceUID, cr.SOPInstanceUID, *(d.SOPInstanceUID for d in ct)]
+    return SourceStudy(ct[0].StudyInstanceUID, ct[0].SeriesInstanceUID, cr.SeriesInstanceUID,
+                       [d.SOPInstanceUID for d in ct], cr.SOPInstanceUID, [*sorted((folder / "ct").glob("*.dcm")), cr_path],
+                       identifiers)
+
+
+def uploaded_study(pacs: OrthancServer, folder: Path, index: int) -> SourceStudy:
+    study = make_source_study(folder, index)
+    pacs.upload(study.files)
+    return study
+
+
+def write_config(folder: Path, checkpoint: Path, our_port: int, endpoints: dict, **sections) -> Path:
+    """A configs/pacs.json for the tests: our AE on ``our_port``, folders under ``folder``."""
+    config = {
+        "local": {"ae_title": OUR_AE, "bind_address": "127.0.0.1", "port": our_port},
+        "endpoints": endpoints,
+        "incoming_dir": str(folder / "incoming"), "work_dir": str(folder / "work"), "outbox_dir": str(folder / "outbox"),
+        "retry": FAST_RETRY,
+        "inference": {"ckpt_path": str(checkpoint), "overrides": MODEL},
+        **sections,
+    }
+    path = folder / "pacs.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def endpoint_of(server: OrthancServer, ae_title: str | None = None, **extra) -> dict:
+    return {"ae_title": ae_title or server.ae_title, "host": "127.0.0.1", "port": server.dicom_port,
+            "dicomweb_url": server.dicomweb_url, "username_env": "TEST_PACS_USER", "password_env": "TEST_PACS_PASSWORD",
+            "timeout_seconds": 5, **extra}
+
+
+def pacs_cli(config: Path, *args: str, password: str = PASSWORD, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TEST_PACS_USER": USER, "TEST_PACS_PASSWORD": password}
+    return subprocess.run([sys.executable, "scripts/pacs.py", "--config", str(config), *args], cwd=REPOSITORY,
+                          capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+def results_in(server: OrthancServer, study: SourceStudy) -> dict[str, list[pydicom.Dataset]]:
+    """The study's instances on ``server`` that are not the sources, by SOP class."""
+    found: dict[str, list[pydicom.Dataset]] = {}
+    for ds in server.datasets_of_study(study.study):
+        if ds.SOPInstanceUID not in [*study.ct_instances, study.cr_instance]:
+            found.setdefault(ds.SOPClassUID, []).append(ds)
+    return found
+
+
+def assert_results_reference_the_sources(results: dict, study: SourceStudy, sc_sources: set[str]) -> None:
+    """Every SC and Parametric Map lies in the source study and points at its source instances."""
+    captures, maps = results.get(SC, []), results.get(PM, [])
+    assert {ds.StudyInstanceUID for ds in captures + maps} == {study.study}
+    assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in captures} == sc_sources
+    assert len(captures) == len(sc_sources)
+    # a Parametric Map only where there is a Frame of Reference: the CT slices, one map each
+    referenced = {(series.SeriesInstanceUID, item.ReferencedSOPInstanceUID)
+                  for ds in maps for series in ds.ReferencedSeriesSequence for item in series.ReferencedInstanceSequence}
+    assert referenced == {(study.ct_series, uid) for uid in study.ct_instances}
+    assert len(maps) == len(study.ct_instances)
+
+
+def assert_no_identifier_in(text: str, study: SourceStudy) -> None:
+    for identifier in study.identifiers:
+        assert identifier not in text, "a patient identifier or UID reached the logs or the report"
+
+
+def assert_no_password_under(*folders: Path) -> None:
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file():
+                assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+# -- configuration and credentials (no PACS needed) -------------------------------------------------
+
+def test_credentials_come_from_the_environment_or_a_file_outside_the_repository(tmp_path, monkeypatch):
+    outside = tmp_path / "credentials.json"
+    outside.write_text(json.dumps({"username": "reader", "password": "from-the-file"}))
+    endpoint = Endpoint("pacs", dicomweb_url="https://pacs.example.org/dicom-web", username_env="TEST_U",
+                        password_env="TEST_P", credentials_file=str(outside))
+    monkeypatch.delenv("TEST_U", raising=False)
+    monkeypatch.delenv("TEST_P", raising=False)
+    assert endpoint.credentials() == Credentials("reader", "from-the-file")
+    monkeypatch.setenv("TEST_U", "env-user")
+    monkeypatch.setenv("TEST_P", "env-secret")
+    assert endpoint.credentials() == Credentials("env-user", "env-secret")  # the environment wins
+    assert "env-secret" not in repr(endpoint.credentials())
+    monkeypatch.delenv("TEST_U")
+    with tempfile.TemporaryDirectory(dir=REPOSITORY) as inside:
+        leaked = Path(inside) / "credentials.json"
+        leaked.write_text(outside.read_text())
+        with pytest.raises(PacsConfigError, match="inside the repository") as refused:
+            Endpoint("pacs", credentials_file=str(leaked)).credentials()
+        assert "from-the-file" not in str(refused.value)
+
+
+def test_the_config_refuses_secrets_and_unknown_protocols(tmp_path, checkpoint):
+    url_with_password = {"pacs": {"dicomweb_url": "https://reader:secret@pacs.example.org/dicom-web"}}
+    with pytest.raises(PacsConfigError, match="must not hold credentials") as refused:
+        load_config(write_config(tmp_path / "a", checkpoint, 104, url_with_password))
+    assert "secret" not in str(refused.value).replace("must not hold credentials", "")
+    with pytest.raises(PacsConfigError, match="unknown keys"):
+        load_config(write_config(tmp_path / "b", checkpoint, 104, {"pacs": {"password": "secret"}}))
+    with pytest.raises(PacsConfigError, match="retrieve_with must be one of"):
+        load_config(write_config(tmp_path / "c", checkpoint, 104, {"pacs": {}}, run={"retrieve_with": "ftp"}))
+    shipped = load_config(REPOSITORY / "configs" / "pacs.json")
+    assert shipped.endpoint(shipped.run.source).credentials_file.startswith("~")
+
+
+# -- reachability and clear errors ----------------------------------------------------------------
+
+def test_echo_reaches_the_pacs_over_dimse_and_dicomweb(pacs, tmp_path, checkpoint, our_port):
+    config = write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs)})
+    result = pacs_cli(config, "echo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"C-ECHO TESTPACS@127.0.0.1:{pacs.dicom_port} (DIMSE, as {OUR_AE}): ok" in result.stdout
+    assert f"QIDO-RS {pacs.dicomweb_url} (DICOMweb): ok" in result.stdout
+
+
+def test_wrong_credentials_give_an_error_naming_the_url_and_not_the_password(pacs, tmp_path, checkpoint, our_port):
+    config = write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs)})
+    wrong = "not-the-password-4711"
+    result = pacs_cli(config, "echo", password=wrong)
+    assert result.returncode == 1
+    assert f"{pacs.dicomweb_url} refused the credentials (HTTP 401" in result.stdout
+    assert "TEST_PACS_USER / TEST_PACS_PASSWORD" in result.stdout  # where to fix them
+    assert wrong not in result.stdout + result.stderr and PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_wrong_called_ae_title_is_an_association_rejected_error(pacs, tmp_path, checkpoint, our_port, credentials):
+    config = load_config(write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs, ae_title="NOT_TESTPACS")},
+                                      run={"retrieve_with": "c-get", "send_with": "c-store"}))
+    (what, error), _ = echo(config, "pacs")
+    assert error == (f"C-ECHO: association rejected by NOT_TESTPACS@127.0.0.1:{pacs.dicom_port} for calling AE {OUR_AE}: "
+                     "Called AE title not recognised (Rejected Permanent)")
+    with pytest.raises(PacsError, match=f"C-GET: association rejected by NOT_TESTPACS@127.0.0.1:{pacs.dicom_port}"):
+        run_study(config, "1.2.3.4")
+    assert not list((tmp_path / "work").rglob("*.dcm")) and not jobs_in(tmp_path / "outbox")
+
+
+def test_https_verifies_the_certificate_and_trusts_a_given_ca(pacs, tmp_path, checkpoint, our_port, credentials):
+    certificate = self_signed_certificate(tmp_path)
+    if certificate is None:
+        pytest.skip("openssl is not installed: no certificate for the https endpoint")
+    https = TlsTerminator(*certificate, backend_port=pacs.http_port)
+    url = f"https://127.0.0.1:{https.port}/dicom-web"
+    try:
+        untrusted = load_config(write_config(tmp_path / "a", checkpoint, our_port,
+                                             {"pacs": endpoint_of(pacs, dicomweb_url=url)}))
+        error = dict(echo(untrusted, "pacs"))[f"QIDO-RS {url} (DICOMweb)"]
+        assert error.startswith(f"QIDO-RS: TLS certificate verification failed for {url}")
+        trusted = load_config(write_config(tmp_path / "b", checkpoint, our_port,
+                                           {"pacs": endpoint_of(pacs, dicomweb_url=url, ca_bundle=str(certificate[0]))}))
+        assert dict(echo(trusted, "pacs"))[f"QIDO-RS {url} (DICOMweb)"] is None
+    finally:
+        https.close()
+
+
+# -- on demand ------------------------------------------------------------------------------------
+
+def test_on_demand_over_dicomweb_puts_references_to_the_sources_into_the_same_study(pacs, tmp_path, checkpoint, our_port):
+    study = uploaded_study(pacs, tmp_path / "source", index=1)
+    config = write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs)},
+                          run={"retrieve_with": "wado-rs", "send_with": "stow-rs"})
+    result = pacs_cli(config, "run", "--study", study.study)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert (f"stored at {pacs.dicomweb_url} (DICOMweb): 3 Parametric Map, 4 Secondary Capture "
+            "(3 new series in 1 source study)") in result.stdout
+    assert_results_reference_the_sources(results_in(pacs, study), study, {*study.ct_instances, study.cr_instance})
+    (job,) = jobs_in(tmp_path / "outbox")
+    assert job.processed == 4 and not job.pending()
+    assert {f.delivered_to for f in job.files} == {f"{pacs.dicomweb_url} (DICOMweb)"}
+    assert_no_identifier_in(result.stdout + result.stderr, study)
+    assert_no_password_under(tmp_path / "outbox", tmp_path / "work")
+    assert not list((tmp_path / "work").rglob("*.dcm"))  # retrieved sources are dropped once the results exist
+
+
+def test_each_retrieval_protocol_brings_exactly_the_requested_instances(pacs, tmp_path, checkpoint, our_port,
+                                                                         credentials):
+    study = uploaded_study(pacs, tmp_path / "source", index=2)
+    sources = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData for p in study.files}
+    config = load_config(write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs)}))
+    for protocol in ("wado-rs", "c-get", "c-move"):
+        retriever = retriever_for(config, "pacs", protocol)
+        for series, expected in ((None, sources), (study.ct_series, set(study.ct_instances))):
+            folder = tmp_path / protocol / (series or "study")
+            assert retriever.retrieve(study.study, series, folder) == len(expected)
+            got = {ds.SOPInstanceUID: ds.PixelData for ds in map(pydicom.dcmread, folder.glob("*.dcm"))}
+            assert set(got) == set(expected) and all(got[uid] == sources[uid] for uid in got), protocol
+            assert not any(uid in p.name for p in folder.iterdir() for uid in got)  # file names do not spell UIDs
+    with pytest.raises(PacsError, match=f"WADO-RS: not found at {pacs.dicomweb_url}"):
+        retriever_for(config, "pacs", "wado-rs").retrieve("1.2.3.4", None, tmp_path / "none")
+    with pytest.raises(PacsError, match=r"C-GET from TESTPACS@.*: failed with status 0xC000 \(Unable to Process\)"):
+        retriever_for(config, "pacs", "c-get").retrieve("1.2.3.4", None, tmp_path / "none")
+
+
+@pytest.fixture(scope="module")
+def outage(pacs, tmp_path_factory, checkpoint, our_port):
+    """On demand for one series, retrieved by C-GET, while the archive to send to (C-STORE) is down."""
+    folder = tmp_path_factory.mktemp("outage")
+    study = uploaded_study(pacs, folder / "source", index=3)
+    archive = OrthancServer(folder / "archive", "ARCHIVE", {}).start()
+    archive.stop()
+    config = write_config(folder, checkpoint, our_port, {"pacs": endpoint_of(pacs), "archive": endpoint_of(archive)},
+                          run={"retrieve_with": "c-get", "destination": "archive", "send_with": "c-store"})
+    report = run_study(load_config(config), study.study, study.ct_series)  # DIMSE needs no credentials
+    yield study, config, archive, report
+    archive.stop()
+
+
+def test_a_pacs_that_is_down_leaves_results_in_the_outbox_until_resend(outage, credentials):
+    study, config, archive, report = outage
+    assert not report.complete and report.stored == {} and report.processed == 3  # the CR was not asked for
+    assert report.pending == {"Secondary Capture": 3, "Parametric Map": 3}
+    assert f"no DICOM association with ARCHIVE@127.0.0.1:{archive.dicom_port}" in report.error
+    assert any("NOT delivered" in line and "resend" in line for line in report.lines())
+    job = Job.load(report.folder)
+    assert len(job.pending()) == 6 and {f.attempts for f in job.files} == {FAST_RETRY["attempts"]}
+    assert all((job.folder / f.path).is_file() for f in job.files)
+
+    archive.start()
+    delivered = pacs_cli(config, "resend")
+    assert delivered.returncode == 0, delivered.stdout + delivered.stderr[-3000:]
+    assert (f"stored at ARCHIVE@127.0.0.1:{archive.dicom_port} (DIMSE, as {OUR_AE}): 3 Parametric Map, "
+            "3 Secondary Capture (2 new series in 1 source study)") in delivered.stdout
+    assert_results_reference_the_sources(results_in(archive, study), study, set(study.ct_instances))
+    assert archive.instance_count() == 6
+    nothing = pacs_cli(config, "resend")
+    assert nothing.returncode == 0 and "nothing to send" in nothing.stdout
+    for protocol in ("c-store", "stow-rs"):  # the same results again: the same SOP Instance UIDs, no duplicate
+        again = pacs_cli(config, "resend", "--again", "--send-with", protocol)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert archive.instance_count() == 6
+    assert_no_identifier_in(delivered.stdout + delivered.stderr + again.stdout + again.stderr, study)
+    assert_no_password_under(job.folder)
+
+
+def test_a_store_the_pacs_refuses_stays_pending_with_its_status(outage, tmp_path):
+    """An archive whose storage script fails for Parametric Maps: the SCs get there, the maps wait."""
+    _, config, _, report = outage
+    refuse_maps = ('function ReceivedInstanceFilter(dicom, origin, info)\n'
+                   f'  if dicom.SOPClassUID == "{PM}" then error("no parametric maps here") end\n'
+                   '  return true\nend\n')
+    refusing = OrthancServer(tmp_path / "refusing", "REFUSING", {}, lua_script=refuse_maps).start()
+    try:
+        settings = json.loads(config.read_text())
+        settings["endpoints"]["refusing"] = endpoint_of(refusing)
+        config = tmp_path / "pacs.json"
+        config.write_text(json.dumps(settings))
+        tried_before = {f.path: f.attempts for f in Job.load(report.folder).files}
+        (partial,) = resend(load_config(config), [report.job_id], again=True, destination="refusing", send_with="c-store")
+        assert partial.stored == {"Secondary Capture": 3} and partial.pending == {"Parametric Map": 3}
+        assert f"not stored at REFUSING@127.0.0.1:{refusing.dicom_port}" in partial.error
+        waiting = Job.load(partial.folder).pending()
+        assert {f.kind for f in waiting} == {"Parametric Map"}
+        assert {f.status for f in waiting} == {"status 0xA700 (Refused: Out of Resources)"}
+        assert {f.attempts - tried_before[f.path] for f in waiting} == {FAST_RETRY["attempts"]}  # retried, then kept
+        assert refusing.instance_count() == 3
+    finally:
+        refusing.stop()
+
+
+# -- the DICOM node -------------------------------------------------------------------------------
+
+def start_node(config: Path, port: int, log: Path) -> subprocess.Popen:
+    """``scripts/pacs.py listen`` as a process; returns once it answers C-ECHO."""
+    environment = {**os.environ, **CREDENTIALS}
+    process = subprocess.Popen([sys.executable, "scripts/pacs.py", "--config", str(config), "listen"], cwd=REPOSITORY,
+                               env=environment, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AE)
+        if assoc.is_established:
+            assoc.release()
+            return process
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the node did not answer C-ECHO: {log.read_text()[-3000:]}")
+
+
+def c_store(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
+    """Send datasets to the node as a modality would; the status of each."""
+    ae = AE(ae_title="MODALITY")
+    for sop_class in (CTImageStorage, ComputedRadiographyImageStorage):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_the_node_keeps_what_it_acknowledged_across_a_kill_and_forwards_the_results(pacs, tmp_path, checkpoint):
+    study = make_source_study(tmp_path / "source", index=4)  # not on the PACS: the node sends it in
+    port = free_port()
+    endpoints = {"pacs": endpoint_of(pacs)}
+    waiting = write_config(tmp_path / "first", checkpoint, port, endpoints,
+                           listen={"destination": "pacs", "send_with": "stow-rs", "idle_seconds": 3600, "queue_size": 3})
+    config = json.loads(waiting.read_text())
+    config.update(incoming_dir=str(tmp_path / "incoming"), work_dir=str(tmp_path / "work"),
+                  outbox_dir=str(tmp_path / "outbox"))
+    waiting.write_text(json.dumps(config))
+    config["listen"].update(idle_seconds=1, queue_size=100)
+    forwarding = tmp_path / "forwarding.json"
+    forwarding.write_text(json.dumps(config))
+
+    slices = [pydicom.dcmread(p) for p in study.files[:3]]
+    no_pixels = pydicom.dcmread(study.files[0])
+    del no_pixels.PixelData
+    log = tmp_path / "node.log"
+    node = start_node(waiting, port, log)
+    try:
+        assert c_store(port, [no_pixels]) == [0xA900]  # refused, logged, and the node goes on
+        assert c_store(port, slices) == [0x0000] * 3
+        assert c_store(port, [pydicom.dcmread(study.files[3])]) == [0xA700]  # queue full: the CR is refused
+        assert len(list((tmp_path / "incoming").rglob("*.dcm"))) == 3  # written before acknowledged; the CR never
+    finally:
+        node.send_signal(signal.SIGKILL)  # no chance to tidy up
+        node.wait()
+    assert not results_in(pacs, study)
+
+    node = start_node(forwarding, port, log)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(results_in(pacs, study).get(PM, [])) < 3:
+            time.sleep(1)
+        assert_results_reference_the_sources(results_in(pacs, study), study, set(study.ct_instances))
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "refused a CT Image Storage instance from MODALITY: no pixel data" in text
+    assert "queue full" in text
+    assert_no_identifier_in(text, study)
+    assert_no_password_under(tmp_path / "outbox", tmp_path / "incoming", tmp_path / "work")
+    assert not list((tmp_path / "incoming").rglob("*.dcm"))

@@ -195,9 +195,8 @@ def test_activation_precision_and_sensitivity_use_minmax_of_the_positive_part():
 
 
 def test_empty_masks_give_nan_and_drop_out_of_dataset_values():
-    mask = torch.stack([box_mask(2, (2, 2), (5, 5))[0], torch.zeros(16, 16, dtype=torch.bool)])
-    maps = mask.float().flip(0)  # the healthy image gets some map
-    maps[0] = mask[0].float()
+    mask = torch.cat([box_mask(2, (2, 2), (5, 5)), torch.zeros(1, 16, 16, dtype=torch.bool)])  # lesion, healthy
+    maps = torch.cat([box_mask(2, (2, 2), (5, 5)), box_mask(2, (9, 9), (12, 12))]).float()
     for metric in (activation_precision, activation_sensitivity, pointing_game, pxap, gt_localisation):
         values = metric(maps, mask)
         assert values[0].item() == pytest.approx(1) and math.isnan(values[1].item()), metric.__name__
@@ -212,6 +211,14 @@ def test_pxap_of_a_hand_made_ranking():
     # thresholds from high to low: (P, R) = (1, 1/2), (1/2, 1/2), (2/3, 1), (1/2, 1)
     # AP = sum P * dR = 1 * 1/2 + 2/3 * 1/2
     assert pxap(maps, mask).item() == pytest.approx(1 / 2 + 1 / 3)
+
+
+def test_dataset_pxap_pools_pixels_rather_than_averaging_images():
+    masks = torch.cat([box_mask(2, (0, 0), (3, 3)), box_mask(2, (8, 8), (11, 11))])  # 16 of 256 pixels each
+    maps = torch.stack([masks[0].float(), torch.ones(16, 16)])  # perfect, then uniform
+    assert pxap(maps, masks).tolist() == pytest.approx([1, 16 / 256])
+    # pooled: first the 16 lesion pixels of image 1 alone (P 1, R 1/2), then every pixel (P 32/512, R 1)
+    assert pxap_dataset(maps, masks).item() == pytest.approx(1 / 2 + 32 / 512 / 2)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -299,9 +306,11 @@ def summed_logit_model(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(total), total - 2], dim=1)
 
 
-def test_average_drop_and_increase_in_confidence_by_hand():
-    images = torch.ones(2, 1, 2, 2)
-    maps = torch.tensor([[[0.0, 1.0], [1.0, 3.0]]]).repeat(2, 1, 1)  # min-max: [[0, 1/3], [1/3, 1]], sum 5/3
+@pytest.mark.parametrize("dims", [2, 3])
+def test_average_drop_and_increase_in_confidence_by_hand(dims):
+    spatial = (2, 2, 1)[:dims]
+    images = torch.ones(2, 1, *spatial)
+    maps = torch.tensor([0.0, 1.0, 1.0, 3.0]).view(1, *spatial).repeat(2, *[1] * dims)  # min-max (0, 1/3, 1/3, 1): sum 5/3
     targets = torch.tensor([1, 0])
     result = confidence_change(summed_logit_model, images, maps, targets)
     y1, o1 = sigmoid(2), sigmoid(5 / 3 - 2)  # class 1 loses confidence

@@ -114,6 +114,9 @@ class ExplanationComparison:
     ``models``: name -> {"head": "linear" | "softcam", "checkpoint": path, "branch": bool}; a
     ``branch`` checkpoint is a whole ``SigmoidBranchClassifier`` (configs/train_sigmoid_branch.json).
     ``network_options``: the classifier factory's other arguments (backbone, spatial_dims, ...).
+    ``deletion_patch`` / ``deletion_steps``: patch side and number of steps of deletion and insertion;
+    ``top_k`` / ``localisation_patch``: top-k localisation precision; ``randomisation_images`` /
+    ``randomised_layers``: the sanity check (0 images: skipped); ``box_thresholds``: tau grid of MaxBoxAccV2.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class ExplanationComparison:
         randomised_layers: int = 3,
         ordinal: bool = False,
         grid_images: int = 6,
+        box_thresholds: int = 20,
         tracking=None,
     ):
         self.test_set = test_set
@@ -150,6 +154,7 @@ class ExplanationComparison:
         self.randomised_layers = randomised_layers
         self.ordinal = ordinal
         self.grid_images = grid_images
+        self.box_thresholds = box_thresholds
         self.tracking = tracking
 
     # --- models -------------------------------------------------------------------------------
@@ -249,10 +254,12 @@ class ExplanationComparison:
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
         keep = all_correct.to(self.device)
         if keep.any():
-            deletion = metrics.deletion_curve(classify, images[keep], maps_dev[keep], predicted.to(self.device)[keep],
-                                              self.deletion_patch, self.deletion_steps, chunk_size=self.batch_size)
-            insertion = metrics.insertion_curve(classify, images[keep], maps_dev[keep], predicted.to(self.device)[keep],
-                                                self.deletion_patch, self.deletion_steps, chunk_size=self.batch_size)
+            # deleted patches take the mean intensity of the test images (the images are in [0, 1], not centred)
+            perturb = {"patch_size": self.deletion_patch, "num_steps": self.deletion_steps, "baseline": float(test.images.mean()),
+                       "chunk_size": self.batch_size}
+            targets = predicted.to(self.device)[keep]
+            deletion = metrics.deletion_curve(classify, images[keep], maps_dev[keep], targets, **perturb)
+            insertion = metrics.insertion_curve(classify, images[keep], maps_dev[keep], targets, **perturb)
             row["deletion_audc"], row["insertion_auc"] = float(deletion.area.mean()), float(insertion.area.mean())
             curve = (deletion.fractions.cpu(), deletion.scores.mean(0).cpu())
         else:
@@ -276,7 +283,8 @@ class ExplanationComparison:
             "top_k_precision": _nanmean(loc.top_k_localisation_precision(maps, masks, self.top_k, self.localisation_patch)),
             "pointing_game": _nanmean(loc.pointing_game(maps, masks)),
             "pxap": float(loc.pxap_dataset(maps, masks)),
-            "max_box_acc_v2": float(loc.max_box_accuracy(maps, masks).max_box_acc),
+            # tau in steps of 1 / box_thresholds: labelling components at every tau is the costly part on a CPU
+            "max_box_acc_v2": float(loc.max_box_accuracy(maps, masks, self.box_thresholds).max_box_acc),
             "gt_loc": _nanmean(loc.gt_localisation(maps, masks)),
             "top1_loc": _nanmean(loc.top1_localisation(maps, masks, predicted, labels)),
         }

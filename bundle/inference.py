@@ -10,10 +10,14 @@ Loading and preprocessing run in DataLoader workers, the model in the main threa
 writers in a thread pool, so decoding and writing overlap the forward pass. This is a plain loop
 rather than a MONAI evaluator because each input carries its own geometry and source files, which
 MONAI's collate and postprocessing would have to flatten away.
+
+Under torchrun (``configs/multi_gpu_inference.json``) each process takes a shard of the inputs and
+process 0 merges the tables: see ``EvidenceInference._run_shard`` and docs/scaling.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -30,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
+import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from PIL import Image
@@ -44,6 +49,8 @@ from bundle.writers.secondary_capture import blend_evidence
 from transforms.dicom import frame_slices, image_description, is_enhanced_volume
 
 logger = logging.getLogger(__name__)
+
+SHARDS_DIR = ".shards"  # under output_dir: each process's results until process 0 merges them
 
 
 class InputsFailed(SystemExit):
@@ -98,6 +105,20 @@ class InferenceDataset(torch.utils.data.Dataset):
             return {"index": index, "image": image, "display": _display(image)}
         except Exception as err:  # any load or preprocessing failure is this input's, not the run's
             return {"index": index, "error": _plain_reason(err)}
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed's default group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value):
+    """``value`` as process 0 holds it, on every process (the others pass None)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _spatial_dims(image: MetaTensor) -> int:
@@ -194,44 +215,22 @@ class EvidenceInference:
         return self.class_names.get(k, f"class {k}")
 
     def run(self) -> tuple[list[InferenceResult], list[InputFailure]]:
-        """Process every input; raise ``InputsFailed`` at the end if any failed (all else is written)."""
+        """Process every input; raise ``InputsFailed`` at the end if any failed (all else is written).
+
+        In a process group (torchrun, ``configs/multi_gpu_inference.json``) each process takes its
+        shard of the inputs and process 0 writes the merged tables and the MLflow run; see ``_run_shard``.
+        """
         load_checkpoint(self.network, self.ckpt_path)
         self.model = ModelIdentity(self.model.name, self.model.version, weights_digest(self.ckpt_path))
         self.network.to(self.device).eval()
+        rank, world_size = _process_group()
+        if world_size > 1:
+            return self._run_shard(rank, world_size)
         inputs, failures = discover_inputs(self.input_dir, self.spatial_dims)
         logger.info("%d inputs, %d unusable files in the input folder", len(inputs), len(failures))
-        results: list[InferenceResult] = []
-        loader = torch.utils.data.DataLoader(
-            InferenceDataset(inputs, self.load, self.prepare, self.spatial_dims), batch_size=self.batch_size,
-            num_workers=self.num_workers, collate_fn=_collate,
-        )
-        sc_writer = SecondaryCaptureWriter(self.model, self.class_names)
-        pm_writer = ParametricMapWriter(self.model)
-        pending: deque[tuple[InferenceResult, Future]] = deque()
-        max_pending = 2 * self.batch_size  # bounds the images and maps held for the writers
-
-        def settle(limit: int) -> None:
-            while len(pending) > limit:
-                result, future = pending.popleft()
-                try:
-                    future.result()
-                    results.append(result)
-                except Exception as err:  # a writer failure is this input's; its partial files were never renamed
-                    reason = f"writing outputs failed ({type(err).__name__}: {err})"
-                    failures.append(InputFailure(result.input.files[0], reason))
-
-        with ThreadPoolExecutor(max_workers=self.writer_threads) as pool:
-            for batch in loader:
-                ok = [item for item in batch if "error" not in item]
-                failures += [InputFailure(inputs[item["index"]].files[0], item["error"]) for item in batch if "error" in item]
-                if not ok:
-                    continue
-                probabilities, maps = self.predict(torch.stack([item["image"].as_tensor() for item in ok]))
-                for item, p, m in zip(ok, probabilities, maps):
-                    result = InferenceResult(inputs[item["index"]], [float(v) for v in p], int(p.argmax()))
-                    pending.append((result, pool.submit(self._write, result, item, m, sc_writer, pm_writer)))
-                settle(max_pending)
-            settle(0)
+        processed, failed = self._process(inputs, range(len(inputs)))
+        results = [result for _, result in processed]
+        failures += [failure for _, failure in failed]
         self._write_tables(results, failures)
         if self.tracking is not None:
             self.tracking.log_inference(self, results, failures)
@@ -240,6 +239,110 @@ class EvidenceInference:
             print(error.message, file=sys.stderr)
             raise error
         return results, failures
+
+    def _process(self, inputs: list[InferenceInput], indices) -> tuple[list[tuple[int, InferenceResult]],
+                                                                         list[tuple[int, InputFailure]]]:
+        """Predict and write the outputs of ``inputs[i]`` for each i of ``indices``; return the results
+        and the failures, each with its index into ``inputs``, in the order they completed."""
+        indices = list(indices)
+        results: list[tuple[int, InferenceResult]] = []
+        failures: list[tuple[int, InputFailure]] = []
+        loader = torch.utils.data.DataLoader(
+            InferenceDataset([inputs[i] for i in indices], self.load, self.prepare, self.spatial_dims),
+            batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate,
+        )
+        sc_writer = SecondaryCaptureWriter(self.model, self.class_names)
+        pm_writer = ParametricMapWriter(self.model)
+        pending: deque[tuple[int, InferenceResult, Future]] = deque()
+        max_pending = 2 * self.batch_size  # bounds the images and maps held for the writers
+
+        def settle(limit: int) -> None:
+            while len(pending) > limit:
+                index, result, future = pending.popleft()
+                try:
+                    future.result()
+                    results.append((index, result))
+                except Exception as err:  # a writer failure is this input's; its partial files were never renamed
+                    reason = f"writing outputs failed ({type(err).__name__}: {err})"
+                    failures.append((index, InputFailure(result.input.files[0], reason)))
+
+        with ThreadPoolExecutor(max_workers=self.writer_threads) as pool:
+            for batch in loader:
+                ok = [item for item in batch if "error" not in item]
+                failures += [(indices[item["index"]], InputFailure(inputs[indices[item["index"]]].files[0], item["error"]))
+                             for item in batch if "error" in item]
+                if not ok:
+                    continue
+                probabilities, maps = self.predict(torch.stack([item["image"].as_tensor() for item in ok]))
+                for item, p, m in zip(ok, probabilities, maps):
+                    index = indices[item["index"]]
+                    result = InferenceResult(inputs[index], [float(v) for v in p], int(p.argmax()))
+                    pending.append((index, result, pool.submit(self._write, result, item, m, sc_writer, pm_writer)))
+                settle(max_pending)
+            settle(0)
+        return results, failures
+
+    def _run_shard(self, rank: int, world_size: int) -> tuple[list[InferenceResult], list[InputFailure]]:
+        """One process's part of a multi-process run.
+
+        Process 0 discovers the inputs and sends the list to all, so every process shards the same list
+        even if files arrive meanwhile; process r takes ``inputs[r::world_size]`` (a 3D series is one
+        input, so it stays whole) and writes its outputs and ``output_dir/.shards/rank<r>.json``. After
+        all have written, process 0 merges the shards into the one set of tables, in input order as a
+        single process writes them, logs the one MLflow run and removes the shards. Every process then
+        raises ``InputsFailed`` if any input failed anywhere, so that torchrun reports it.
+        Returns this process's own results and failures (process 0: the merged ones).
+        """
+        inputs, unusable = _broadcast(discover_inputs(self.input_dir, self.spatial_dims) if rank == 0 else None)
+        mine = range(rank, len(inputs), world_size)
+        logger.info("process %d of %d: %d of %d inputs (%d unusable files in the input folder)", rank, world_size,
+                    len(mine), len(inputs), len(unusable))
+        processed, failed = self._process(inputs, mine)
+        shard_path = self.output_dir / SHARDS_DIR / f"rank{rank}.json"
+        with atomic_write(shard_path) as tmp:  # a process that dies leaves no half-written shard
+            tmp.write_text(json.dumps({
+                "results": [{"index": i, "probabilities": r.probabilities, "predicted_class": r.predicted_class,
+                             "outputs": r.outputs} for i, r in processed],
+                "failures": [{"index": i, "path": str(f.path), "reason": f.reason} for i, f in failed],
+            }))
+        # every shard is written; on CUDA the barrier's tensor goes on this process's GPU, not GPU 0
+        dist.barrier(device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None)
+        if rank == 0:
+            results, failures = self._merge_shards(inputs, unusable, world_size)
+            self._write_tables(results, failures)
+            if self.tracking is not None:
+                self.tracking.log_inference(self, results, failures)
+            if failures:  # printed now: torchrun stops the other processes as soon as one exits with status 2
+                print(InputsFailed(len(failures), len(results) + len(failures), self.output_dir / "failures.csv").message,
+                      file=sys.stderr, flush=True)
+        else:
+            results, failures = [result for _, result in processed], [failure for _, failure in failed]
+        # process 0 sends the totals only when all is written: a process that ended earlier with status 2
+        # would make torchrun stop process 0 before its tables were written
+        failed_total, total = _broadcast((len(failures), len(results) + len(failures)) if rank == 0 else None)
+        if failed_total:
+            raise InputsFailed(failed_total, total, self.output_dir / "failures.csv")
+        return results, failures
+
+    def _merge_shards(self, inputs: list[InferenceInput], discovery_failures: list[InputFailure],
+                      world_size: int) -> tuple[list[InferenceResult], list[InputFailure]]:
+        """Read ``.shards/rank<r>.json`` of every process, delete them, and return all results and
+        failures in input order (the folder's unusable files first), as a single process lists them."""
+        results: list[tuple[int, InferenceResult]] = []
+        failures: list[tuple[int, InputFailure]] = []
+        shards = [self.output_dir / SHARDS_DIR / f"rank{r}.json" for r in range(world_size)]
+        for path in shards:
+            shard = json.loads(path.read_text())
+            results += [(r["index"], InferenceResult(inputs[r["index"]], r["probabilities"], r["predicted_class"],
+                                                     r["outputs"])) for r in shard["results"]]
+            failures += [(f["index"], InputFailure(Path(f["path"]), f["reason"])) for f in shard["failures"]]
+        for path in shards:
+            path.unlink()
+        with contextlib.suppress(OSError):  # other files in it are not ours to delete
+            shards[0].parent.rmdir()
+        results.sort(key=lambda pair: pair[0])
+        failures.sort(key=lambda pair: pair[0])
+        return [r for _, r in results], discovery_failures + [f for _, f in failures]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:

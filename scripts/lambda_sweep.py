@@ -44,10 +44,16 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=ROOT / "demo")
     parser.add_argument("--lambda1", nargs="+", default=["0", "1e-4", "1e-3", "1e-2"])
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--demo_sparse_lambda1", type=float, default=1e-3, help="lambda1 of the demo's sparse SoftCAM")
     parser.add_argument("--model", default="", help="model options for the bundle, e.g. \"--backbone resnet18\"")
     args = parser.parse_args()
     demo, model = args.demo.resolve(), shlex.split(args.model)
     runs = {value: demo / "models" / "lambda_sweep" / f"lambda1-{value}" for value in args.lambda1}
+    # the demo's dense and sparse SoftCAM are two points of the sweep already (same data, settings and seed)
+    for value, trained in ((0.0, "softcam"), (args.demo_sparse_lambda1, "softcam-sparse")):
+        for given in runs:
+            if float(given) == value and (demo / "models" / trained / "model.pt").is_file():
+                runs[given] = demo / "models" / trained
     for value, ckpt_dir in runs.items():
         train(demo, value, args.epochs, model, ckpt_dir)
 

@@ -116,7 +116,8 @@ class ExplanationComparison:
     ``network_options``: the classifier factory's other arguments (backbone, spatial_dims, ...).
     ``deletion_patch`` / ``deletion_steps``: patch side and number of steps of deletion and insertion;
     ``top_k`` / ``localisation_patch``: top-k localisation precision; ``randomisation_images`` /
-    ``randomised_layers``: the sanity check (0 images: skipped); ``box_thresholds``: tau grid of MaxBoxAccV2.
+    ``randomised_layers``: the sanity check (0 images: skipped); ``box_thresholds``: tau grid of MaxBoxAccV2;
+    ``pointing_tolerance``: a pointing-game hit may lie this many pixels (voxels) from the mask.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class ExplanationComparison:
         ordinal: bool = False,
         grid_images: int = 6,
         box_thresholds: int = 20,
+        pointing_tolerance: float = 0.0,
         tracking=None,
     ):
         self.test_set = test_set
@@ -155,6 +157,7 @@ class ExplanationComparison:
         self.ordinal = ordinal
         self.grid_images = grid_images
         self.box_thresholds = box_thresholds
+        self.pointing_tolerance = pointing_tolerance
         self.tracking = tracking
 
     # --- models -------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ class ExplanationComparison:
             "activation_precision": _nanmean(loc.activation_precision(maps, masks)),
             "activation_sensitivity": _nanmean(loc.activation_sensitivity(maps, masks)),
             "top_k_precision": _nanmean(loc.top_k_localisation_precision(maps, masks, self.top_k, self.localisation_patch)),
-            "pointing_game": _nanmean(loc.pointing_game(maps, masks)),
+            "pointing_game": _nanmean(loc.pointing_game(maps, masks, self.pointing_tolerance)),
             "pxap": float(loc.pxap_dataset(maps, masks)),
             # tau in steps of 1 / box_thresholds: labelling components at every tau is the costly part on a CPU
             "max_box_acc_v2": float(loc.max_box_accuracy(maps, masks, self.box_thresholds).max_box_acc),

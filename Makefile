@@ -66,7 +66,7 @@ demo: install
 # it), on the demo's data: run `make demo` first.
 lambda-sweep: install
 	$(BIN)/python scripts/lambda_sweep.py --demo $(DEMO) --epochs $(DEMO_EPOCHS) --lambda1 $(SWEEP_LAMBDA1) \
-		--demo_sparse_lambda1 $(DEMO_SPARSE_LAMBDA1) --model "$(DEMO_MODEL)"
+		--demo_sparse_lambda1 $(DEMO_SPARSE_LAMBDA1) -- $(DEMO_MODEL)
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,7 @@
 chose it. Trains one SoftCAM per value on the demo's data (``make demo`` first), scores each with the
 comparison's metrics, and writes ``lambda_sweep.csv`` / ``.md`` under ``<demo>/eval/lambda_sweep``.
 
-    python scripts/lambda_sweep.py --demo demo --lambda1 0 1e-4 1e-3 1e-2 --model "--backbone resnet18"
+    python scripts/lambda_sweep.py --demo demo --lambda1 0 1e-4 1e-3 1e-2 -- --backbone resnet18
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +44,9 @@ def main() -> None:
     parser.add_argument("--lambda1", nargs="+", default=["0", "1e-4", "1e-3", "1e-2"])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--demo_sparse_lambda1", type=float, default=1e-3, help="lambda1 of the demo's sparse SoftCAM")
-    parser.add_argument("--model", default="", help="model options for the bundle, e.g. \"--backbone resnet18\"")
+    parser.add_argument("model", nargs=argparse.REMAINDER, help="after --: the bundle's model options")
     args = parser.parse_args()
-    demo, model = args.demo.resolve(), shlex.split(args.model)
+    demo, model = args.demo.resolve(), [a for a in args.model if a != "--"]
     runs = {value: demo / "models" / "lambda_sweep" / f"lambda1-{value}" for value in args.lambda1}
     # the demo's dense and sparse SoftCAM are two points of the sweep already (same data, settings and seed)
     for value, trained in ((0.0, "softcam"), (args.demo_sparse_lambda1, "softcam-sparse")):

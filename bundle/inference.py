@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from monai.utils import TraceKeys
 from PIL import Image
 from torch.nn import functional as F
 
@@ -358,7 +359,12 @@ class EvidenceInference:
         """Class maps (C, S, S[, S]) on the network grid -> the input's own grid, by inverting the
         preprocessing's spatial transforms (resize, pad) with MONAI."""
         image = item["image"]
-        tracked = MetaTensor(maps, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        # The operations were recorded by a DataLoader worker's copy of ``prepare``. MONAI checks a record
+        # against the inverting transform's id(), which a copy made by spawn or forkserver workers does not
+        # share (MONAI only falls back to class names under a global "spawn"); the records come from this
+        # same pipeline, so the id check is switched off (TraceKeys.NONE) rather than the order of ops.
+        operations = [{**op, TraceKeys.ID: TraceKeys.NONE} for op in image.applied_operations]
+        tracked = MetaTensor(maps, meta=dict(image.meta), applied_operations=operations)
         return self.prepare.inverse({"image": tracked})["image"]
 
     def _write(self, result: InferenceResult, item: dict, maps: torch.Tensor, sc_writer, pm_writer) -> None:

@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import mlflow
 import nibabel as nib
@@ -14,7 +16,7 @@ from monai.transforms import LoadImage
 
 import transforms
 from bundle.networks import classifier
-from tests.conftest import dicom_validation_errors, run_bundle
+from tests.conftest import ROOT, dicom_validation_errors, run_bundle
 
 MODEL = ["--backbone", "resnet18", "--backbone_kwargs", "{'widen_factor': 0.25}", "--image_size", "64"]
 
@@ -188,3 +190,29 @@ def test_all_classes_writes_a_map_and_capture_per_class(tmp_path):
     assert len(record["outputs"]["sc"]) == 2 and len(record["outputs"]["pm"]) == 2
     uids = {pydicom.dcmread(tmp_path / "out" / p).SOPInstanceUID for p in record["outputs"]["sc"]}
     assert len(uids) == 2
+
+
+def test_loader_workers_started_by_forkserver_map_evidence_back(tmp_path):
+    """Workers that are not forked (forkserver: Linux from Python 3.14; spawn) pickle the preprocessing:
+    the evidence must still be inverted onto the source grid, not fail every input."""
+    script = f"""
+import sys, torch, torch.multiprocessing as mp
+sys.path.insert(0, {str(ROOT)!r})
+if __name__ == "__main__":
+    mp.set_start_method("forkserver", force=True)
+    from monai.bundle import ConfigWorkflow
+    from bundle.synthetic import make_dataset
+    from bundle.networks import classifier
+    make_dataset({str(tmp_path / 'data')!r}, dims=2, n=3, seed=1, size=64)
+    torch.save(classifier("resnet18", backbone_kwargs={{"widen_factor": 0.125}}).state_dict(), {str(tmp_path / 'm.pt')!r})
+    workflow = ConfigWorkflow(config_file={str(ROOT / 'configs/inference.json')!r},
+        meta_file={str(ROOT / 'configs/metadata.json')!r}, workflow_type="infer", bundle_root={str(ROOT)!r},
+        input_dir={str(tmp_path / 'data' / 'images')!r},
+        output_dir={str(tmp_path / 'out')!r}, ckpt_path={str(tmp_path / 'm.pt')!r}, inference_tracking=None,
+        backbone_kwargs={{"widen_factor": 0.125}}, image_size=32, num_workers=1)
+    workflow.initialize()
+    results, failures = workflow.parser.get_parsed_content("inference").run()
+    print("processed", len(results), "failed", len(failures))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "processed 3 failed 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class ComparisonTracking:
             self.experiment_name, artifact_location=artifact_location(self.tracking_uri))
         run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
         try:
-            now = int(1000 * __import__("time").time())
+            now = int(1000 * time.time())
             values = [Metric(f"{key}.{re.sub(r'[^0-9A-Za-z_.-]+', '_', row['method'])}", float(value), now, 0)
                       for row in rows for key, value in row.items()
                       if isinstance(value, float) and not math.isnan(value)]

@@ -7,7 +7,8 @@ imported on first use, so a tool that needs one part (the PACS node, say) does n
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "explain", "handlers", "losses", "networks", "pacs", "synthetic", "tracking", "visualize"]
+__all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "handlers", "inference", "inputs", "losses",
+           "networks", "pacs", "synthetic", "tracking", "visualize", "writers"]
 
 
 def __getattr__(name: str):

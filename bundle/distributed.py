@@ -43,3 +43,14 @@ class ShardRecord:
         path.write_text(json.dumps({"rank": self.rank, "world_size": self.world_size, "epochs": self.epochs}))
         logger.info("rank %d of %d: epoch %d draws %d training items", self.rank, self.world_size,
                     engine.state.epoch, sum(len(b) for b in batches))
+
+
+def leave_process_group(device) -> None:
+    """End this process's part in the default process group, if there is one: wait until every process
+    has got here, then destroy the group. No process tears its connections down while another is still
+    writing checkpoints, tables or MLflow records, and every backend is shut down before the interpreter
+    exits (gloo's worker threads must not outlive it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" and device.index is not None else None)
+    dist.destroy_process_group()

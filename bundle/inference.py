@@ -192,6 +192,8 @@ class EvidenceInference:
         writer_threads: int = 2,
         device: str | torch.device = "cpu",
         amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format | None = None,
         tracking=None,
     ):
         self.network = network
@@ -208,6 +210,8 @@ class EvidenceInference:
         self.writer_threads = writer_threads
         self.device = torch.device(device)
         self.amp = amp
+        self.amp_dtype = amp_dtype  # None: autocast's default for the device (float16 on CUDA)
+        self.memory_format = memory_format  # channels_last on CUDA: what cuDNN's fastest convolutions take
         self.tracking = tracking
         self.model = ModelIdentity(model_name, model_version)
         self._notes: set[str] = set()
@@ -223,7 +227,7 @@ class EvidenceInference:
         """
         load_checkpoint(self.network, self.ckpt_path)
         self.model = ModelIdentity(self.model.name, self.model.version, weights_digest(self.ckpt_path))
-        self.network.to(self.device).eval()
+        self.network.to(self.device, memory_format=self.memory_format or torch.preserve_format).eval()
         rank, world_size = _process_group()
         if world_size > 1:
             return self._run_shard(rank, world_size)
@@ -348,8 +352,8 @@ class EvidenceInference:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Softmax probabilities (B, C) and class maps (B, C, S, S[, S]) upsampled to the network input."""
-        images = images.to(self.device)
-        with torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda"):
+        images = images.to(self.device, memory_format=self.memory_format or torch.preserve_format)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits, maps = self.network.forward_with_maps(images)
         mode = "bilinear" if maps.ndim == 4 else "trilinear"
         maps = F.interpolate(maps.float(), size=images.shape[2:], mode=mode, align_corners=False)

@@ -44,7 +44,8 @@ def test_every_contender_with_a_checkpoint_gets_a_row(comparison):
     _, rows = comparison
     assert len(rows) == 8 + 6 + 2  # post-hoc on the black box, CAM variants on the dual branch, two SoftCAM rows
     assert "sparse SoftCAM" not in rows  # its checkpoint is missing: left out, not an error
-    assert {"black box + Score-CAM", "black box + dual branch + Grad-CAM++", "dense SoftCAM", "SoftCAM + sigmoid branch"} <= set(rows)
+    assert {"black box + Score-CAM", "black box + dual branch + Grad-CAM++", "dense SoftCAM",
+            "SoftCAM + sigmoid branch"} <= set(rows)
     for row in rows.values():
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["activation_precision"]) <= 1.0
 

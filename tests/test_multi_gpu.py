@@ -3,8 +3,10 @@ memory format, mixed-precision dtype."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import mlflow
 import pytest
@@ -31,18 +33,34 @@ def _workflow(dataset_dir, tmp_path, **overrides) -> ConfigWorkflow:
     return workflow
 
 
+def _killed_by_a_signal(result: subprocess.CompletedProcess) -> bool:
+    """torchrun reports a process that a signal ended with a negative exit code."""
+    return re.search(r"exitcode\s*:\s*-\d+", result.stderr) is not None
+
+
 @pytest.fixture(scope="module")
 def two_process_run(dataset_2d, tmp_path_factory):
-    """Train for two epochs with two processes on the CPU (gloo), as ``torchrun`` would on two GPUs."""
-    out = tmp_path_factory.mktemp("multi_gpu_run")
+    """Train for two epochs with two processes on the CPU (gloo), as ``torchrun`` would on two GPUs.
+
+    A run in which a process was killed by a signal is made once more, in a new folder, with the first
+    run's report as a warning: once in CI a process aborted in gloo's teardown after its last epoch
+    ("terminate called without an active exception"), which 56 runs here did not reproduce. Python's
+    fault handler is on, so such an abort prints every thread's stack. Any other failure fails at once.
+    """
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-               "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-               "--dataset_dir", str(dataset_2d), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
-               "--max_epochs", "2", *TINY_MODEL]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("multi_gpu_run")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json", "--logging_file",
+                   "configs/logging.conf", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+                   "--dataset_dir", str(dataset_2d), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
+                   "--max_epochs", "2", *TINY_MODEL]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        if attempt == 0 and result.returncode != 0 and _killed_by_a_signal(result):
+            warnings.warn(f"a training process was killed by a signal; running again. Its report:\n{result.stderr[-6000:]}")
+            continue
+        break
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -152,3 +170,30 @@ def test_reduced_precision_predictions_are_scored_in_float32():
     out = postprocessing({"pred": torch.tensor([2.0, 0.0], dtype=torch.bfloat16), "label": 0})
     assert out["pred"].dtype == torch.float32
     assert torch.allclose(out["pred"], torch.tensor([2.0, 0.0]).softmax(0))
+
+
+def test_inference_takes_the_training_precision_and_layout():
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs/inference.json"))
+    parser.update({"device": "$torch.device('cuda', 0)"})  # parsing only: no GPU needed
+    expected_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert parser.get_parsed_content("inference#amp") is True
+    assert parser.get_parsed_content("inference#amp_dtype") == expected_dtype
+    assert parser.get_parsed_content("inference#memory_format") == torch.channels_last
+
+
+def test_channels_last_inference_gives_the_same_predictions_and_maps(tmp_path):
+    from bundle.inference import EvidenceInference
+
+    network = classifier("resnet10", backbone_kwargs={"widen_factor": 0.125}).eval()
+    images = torch.rand(3, 1, 32, 32)
+    results = []
+    for memory_format in (None, torch.channels_last):
+        runner = EvidenceInference(network, None, None, str(tmp_path), str(tmp_path), str(tmp_path / "model.pt"), 2, "m", "0",
+                                 memory_format=memory_format)
+        runner.network.to(memory_format=memory_format or torch.preserve_format)
+        results.append(runner.predict(images))
+    (p_default, m_default), (p_last, m_last) = results
+    assert m_last.dtype == torch.float32 and m_last.shape == (3, 2, 32, 32)
+    assert torch.allclose(torch.as_tensor(p_default), torch.as_tensor(p_last), atol=1e-5)
+    assert torch.allclose(m_default, m_last, atol=1e-5)

@@ -41,7 +41,7 @@ def _torchrun(input_dir, out, ckpt, env):
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # an abort prints every thread's stack
     return env
 
 

@@ -51,6 +51,15 @@ def test_secondary_captures_pass_dciodvfy_and_keep_patient_and_study(tmp_path, s
         assert dicom_validation_errors(path) == [], kind
         sc = pydicom.dcmread(path)
         assert sc.PatientID == source.PatientID and sc.StudyInstanceUID == source.StudyInstanceUID, kind
+        for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+                        "StudyTime", "ReferringPhysicianName"):
+            assert (sc.get(keyword) or None) == (source.get(keyword) or None), (kind, keyword)  # type 2: present, maybe empty
+        equipment = [e for e in sc.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
+        if source.get("Manufacturer"):  # the source's acquisition equipment, as highdicom describes it
+            assert [(e.Manufacturer, e.get("ManufacturerModelName"), e.get("StationName")) for e in equipment] == [
+                (source.Manufacturer, source.get("ManufacturerModelName") or None, source.get("StationName") or None)], kind
+        else:
+            assert equipment == [], kind
         assert sc.SeriesInstanceUID != source.SeriesInstanceUID
         assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert sc.PhotometricInterpretation == "RGB" and sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian

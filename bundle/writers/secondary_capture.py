@@ -28,6 +28,20 @@ from transforms.intensity import window_bounds
 
 MIN_DISPLAY_SIDE = 256  # smaller sources are enlarged (nearest neighbour) so the legend stays legible
 SOURCE_IMAGE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation  # DCM 121322
+# SCImage arguments taken from the source, so the SC files under the source's patient and study
+PATIENT_AND_STUDY = {
+    "patient_id": "PatientID", "patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex", "accession_number": "AccessionNumber", "study_id": "StudyID",
+    "study_date": "StudyDate", "study_time": "StudyTime", "referring_physician_name": "ReferringPhysicianName",
+}
+EQUIPMENT = {  # ContributingEquipment arguments describing the source's acquisition equipment
+    "manufacturer_model_name": "ManufacturerModelName", "software_versions": "SoftwareVersions",
+    "device_serial_number": "DeviceSerialNumber", "institution_name": "InstitutionName",
+    "institutional_department_name": "InstitutionalDepartmentName", "institution_address": "InstitutionAddress",
+    "station_name": "StationName",
+}
+# matplotlib's jet table (256 RGB rows), looked up once: ``colormaps[...]`` copies and rebuilds it per call
+JET = colormaps["jet"](np.arange(colormaps["jet"].N))[:, :3]
 # Storage SOP classes whose instances are multi-frame by definition (PS3.4 Annex B): only these may be
 # referenced with ReferencedFrameNumber. Enhanced CT/MR/XA/US, multi-frame SC, US, XA, RF, NM, DBT, PET.
 MULTI_FRAME_SOP_CLASSES = frozenset({
@@ -38,6 +52,22 @@ MULTI_FRAME_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.12.2.1", "1.2.840.10008.5.1.4.1.1.13.1.3",
     "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.130",
 })
+
+
+def acquisition_equipment(source: pydicom.Dataset) -> list[hd.ContributingEquipment]:
+    """The source's acquisition equipment as a Contributing Equipment item (none when its Manufacturer is
+    empty), as ``hd.ContributingEquipment.for_image_acquisition`` makes it for an image. That classmethod
+    first checks that the source's IOD has pixel data by scanning the standard's tables (~5 ms a call);
+    our sources are images whose pixels were just decoded, so the item is built directly."""
+    if not source.get("Manufacturer"):
+        return []
+    return [hd.ContributingEquipment(
+        manufacturer=source.Manufacturer,
+        purpose_of_reference=codes.DCM.AcquisitionEquipment,
+        contribution_datetime=source.get("AcquisitionDateTime") or None,
+        contribution_description="Acquisition equipment of the source image(s)",
+        **{attribute: source.get(keyword) or None for attribute, keyword in EQUIPMENT.items()},
+    )]
 
 
 def source_frame(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray:
@@ -70,9 +100,14 @@ def blend_evidence(display: np.ndarray, evidence: np.ndarray, max_alpha: float =
         raise ValueError(f"evidence map {evidence.shape} is not on the image grid {display.shape[:2]}")
     span = float(evidence.max() - evidence.min())
     heat = (evidence - evidence.min()) / span if span > 0 else np.zeros_like(evidence, dtype=np.float32)
-    colour = colormaps["jet"](heat)[..., :3]
+    colour = jet(heat)
     alpha = max_alpha * heat[..., None]
     return np.round(255 * ((1 - alpha) * display + alpha * colour)).astype(np.uint8)
+
+
+def jet(heat: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of values in [0, 1], as ``colormaps["jet"](heat)[..., :3]`` (same table, same indexing)."""
+    return JET[np.clip((heat * len(JET)).astype(np.intp), 0, len(JET) - 1)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,7 +124,7 @@ def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):
         draw.text((4, 2 + i * (font_size + 4)), line, fill="white", font=font)
-    bar = (np.asarray(colormaps["jet"](np.linspace(0, 1, width // 3))[:, :3]) * 255).astype(np.uint8)
+    bar = (jet(np.linspace(0, 1, width // 3)) * 255).astype(np.uint8)
     y = 4 + len(lines) * (font_size + 4)
     band.paste(Image.fromarray(np.repeat(bar[None], font_size // 2 + 2, axis=0)), (4, y))
     draw.text((8 + width // 3, y - 2), "less -> more evidence", fill="white", font=font)
@@ -126,12 +161,15 @@ class SecondaryCaptureWriter:
         rgb = draw_legend(rgb, [f"{name}: p = {probability:.2f}", self.model.description, RESEARCH_NOTE])
         spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
         orientation = patient_orientation(source)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+        # highdicom's SCImage.from_ref_dataset does what follows and also derives the acquisition equipment
+        # with a check that rescans the standard's IOD tables for pixel data, a third of this writer's time
+        sc = hd.sc.SCImage(
             pixel_array=rgb,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            study_instance_uid=source.StudyInstanceUID,
+            **{attribute: source.get(keyword) for attribute, keyword in PATIENT_AND_STUDY.items()},
             series_instance_uid=derived_uid(source.SeriesInstanceUID, self.model, "secondary-capture-series"),
             series_number=self.series_number,
             sop_instance_uid=self.sop_instance_uid(source, predicted_class, frame),
@@ -141,6 +179,8 @@ class SecondaryCaptureWriter:
             # highdicom insists on an orientation for patient images; DICOM allows it empty when unknown
             patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=acquisition_equipment(source),
+            specific_character_set=source.get("SpecificCharacterSet"),
         )
         if orientation is None:
             sc.PatientOrientation = None

@@ -16,6 +16,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.engines.utils import default_prepare_batch
 
 from bundle.acceleration import PrepareBatchInMemoryFormat, cached_dataset
+from bundle.inference import EvidenceInference
 from bundle.networks.classifier import classifier
 from tests.conftest import ROOT
 
@@ -184,8 +185,6 @@ def test_inference_takes_the_training_precision_and_layout():
 
 
 def test_channels_last_inference_gives_the_same_predictions_and_maps(tmp_path):
-    from bundle.inference import EvidenceInference
-
     network = classifier("resnet10", backbone_kwargs={"widen_factor": 0.125}).eval()
     images = torch.rand(3, 1, 32, 32)
     results = []

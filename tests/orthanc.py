@@ -50,7 +50,7 @@ class OrthancServer:
     ``(ae_title, host, port)`` of the peers it may talk to."""
 
     def __init__(self, folder: Path, ae_title: str, modalities: dict[str, tuple[str, str, int]],
-                 lua_script: str | None = None):
+                 lua_script: str | None = None, dicom_tls: tuple[Path, Path, Path] | None = None):
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -61,11 +61,16 @@ class OrthancServer:
             "DicomAet": ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
             "DicomCheckCalledAet": True,
-            "DicomModalities": {name: [aet, host, port] for name, (aet, host, port) in modalities.items()},
+            "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port, "UseDicomTls": dicom_tls is not None}
+                                for name, (aet, host, port) in modalities.items()},
             "DicomScuTimeout": 5, "DicomAssociationCloseDelay": 0, "SaveJobs": False, "StableAge": 1,
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
         }
+        if dicom_tls:  # DICOM TLS only, for its SCP and for the associations it opens; peers must show a certificate
+            certificate, key, trusted = dicom_tls
+            config.update(DicomTlsEnabled=True, DicomTlsCertificate=str(certificate), DicomTlsPrivateKey=str(key),
+                          DicomTlsTrustedCertificates=str(trusted), DicomTlsRemoteCertificateRequired=True)
         if lua_script:
             (self.folder / "filter.lua").write_text(lua_script)
             config["LuaScripts"] = [str(self.folder / "filter.lua")]

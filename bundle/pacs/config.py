@@ -1,5 +1,9 @@
 """The PACS configuration (``configs/pacs.json``): endpoints, folders, retry policy, listener and model.
 
+The node is closed by default: it listens on loopback unless ``local.bind_address`` names an
+interface, only the peers of ``listen.accept_from`` (an AE title *and* the host or network it calls
+from) may associate, and ``local.tls`` gives the certificate, key and CA for DICOM TLS.
+
 The file holds no secret. DICOMweb credentials come from two environment variables named in the
 endpoint's entry, or from a JSON credentials file that must lie outside the repository; they are
 read when a session is opened and kept out of every ``repr``, log line, job file and report.
@@ -37,6 +41,7 @@ class Endpoint:
     ``username_env`` / ``password_env`` name environment variables; ``credentials_file`` is a JSON
     file ``{"username": ..., "password": ...}`` outside the repository. Environment variables win.
     ``ca_bundle`` is a PEM file of CAs to trust for https (certificates are always verified).
+    ``dicom_tls``: every DIMSE association with this peer uses DICOM TLS with ``local.tls``.
     """
 
     name: str
@@ -49,6 +54,7 @@ class Endpoint:
     password_env: str | None = None
     credentials_file: str | None = None
     timeout_seconds: float = 30.0
+    dicom_tls: bool = False
 
     @property
     def dimse_address(self) -> str:
@@ -115,6 +121,33 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class AcceptRule:
+    """A peer allowed to associate with the node: its calling AE title and the host it calls from,
+    an IP address, a network in CIDR notation (``10.20.0.0/24``) or a host name (resolved when the
+    node starts)."""
+
+    ae_title: str
+    host: str
+
+    def __str__(self) -> str:
+        return f"{self.ae_title} from {self.host}"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS: our ``certificate`` and ``private_key`` (PEM), and ``ca_certificates``, the PEM file
+    of the CAs a peer's certificate must chain to. The listener asks every caller for a certificate
+    and refuses one without a valid one when ``require_peer_certificate`` (else it checks a
+    certificate shown, and accepts a caller that shows none). As a client we always verify the peer's
+    certificate and its address (the endpoint's ``host`` must be in it)."""
+
+    certificate: str
+    private_key: str
+    ca_certificates: str
+    require_peer_certificate: bool = True
+
+
+@dataclass(frozen=True)
 class ListenSettings:
     """The DICOM node: results go to ``destination`` by ``send_with``; a series is complete after
     ``idle_seconds`` without a new instance; at most ``queue_size`` instances wait on disk; undelivered
@@ -125,7 +158,12 @@ class ListenSettings:
     idle_seconds: float = 30.0
     queue_size: int = 5000
     resend_every_seconds: float = 300.0
-    accept_from: tuple[str, ...] = ()
+    accept_from: tuple[AcceptRule, ...] = ()
+    tls: bool = False
+    max_instances_per_association: int = 10000
+    max_bytes_per_association: int = 20 * 1024**3
+    max_incoming_bytes: int = 100 * 1024**3
+    min_free_disk_bytes: int = 5 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -148,7 +186,8 @@ class PacsConfig:
     port: int
     endpoints: dict[str, Endpoint]
     inference: InferenceSettings
-    bind_address: str = "0.0.0.0"
+    bind_address: str = "127.0.0.1"
+    tls: TlsSettings | None = None
     run: RunSettings = RunSettings()
     listen: ListenSettings = ListenSettings()
     retry: RetryPolicy = RetryPolicy()
@@ -193,6 +232,31 @@ def _check_protocols(where: str, settings, names: dict[str, tuple[str, ...]], en
             raise PacsConfigError(f"{where}.{key}: no endpoint {getattr(settings, key)!r} in endpoints")
 
 
+def _accept_rule(index: int, entry) -> AcceptRule:
+    example = '{"ae_title": "CT_SCANNER", "host": "10.20.0.0/24"}'
+    if not isinstance(entry, dict) or set(entry) != {"ae_title", "host"}:
+        raise PacsConfigError(f"listen.accept_from[{index}] must name a calling AE title and the host or network it "
+                              f"calls from, as in {example}, not {entry!r}")
+    rule = AcceptRule(str(entry["ae_title"]).strip(), str(entry["host"]).strip())
+    if not rule.ae_title or len(rule.ae_title) > 16 or not rule.host or " " in rule.host:
+        raise PacsConfigError(f"listen.accept_from[{index}]: an AE title of 1 to 16 characters and an address, a "
+                              f"network (CIDR) or a host name, as in {example}, not {entry!r}")
+    return rule
+
+
+def _listen_settings(raw: dict) -> ListenSettings:
+    raw = dict(raw)
+    raw["accept_from"] = tuple(_accept_rule(i, entry) for i, entry in enumerate(raw.get("accept_from", ())))
+    listen = ListenSettings(**raw)
+    limits = ("max_instances_per_association", "max_bytes_per_association", "max_incoming_bytes", "queue_size")
+    for key in limits:
+        if getattr(listen, key) < 1:
+            raise PacsConfigError(f"listen.{key} must be at least 1")
+    if listen.min_free_disk_bytes < 0:
+        raise PacsConfigError("listen.min_free_disk_bytes must not be negative")
+    return listen
+
+
 def load_config(path: str | Path) -> PacsConfig:
     """Read and check ``configs/pacs.json`` (or another file of the same shape)."""
     path = Path(path)
@@ -204,11 +268,10 @@ def load_config(path: str | Path) -> PacsConfig:
         local = raw["local"]
         endpoints = {name: _endpoint(name, entry) for name, entry in raw["endpoints"].items()}
         run = RunSettings(**raw.get("run", {}))
-        listen_raw = dict(raw.get("listen", {}))
-        listen_raw["accept_from"] = tuple(listen_raw.get("accept_from", ()))
-        listen = ListenSettings(**listen_raw)
+        listen = _listen_settings(raw.get("listen", {}))
         config = PacsConfig(
-            ae_title=local["ae_title"], port=int(local["port"]), bind_address=local.get("bind_address", "0.0.0.0"),
+            ae_title=local["ae_title"], port=int(local["port"]), bind_address=local.get("bind_address") or "127.0.0.1",
+            tls=TlsSettings(**local["tls"]) if local.get("tls") else None,
             endpoints=endpoints, run=run, listen=listen, retry=RetryPolicy(**raw.get("retry", {})),
             incoming_dir=Path(raw.get("incoming_dir", "pacs/incoming")), work_dir=Path(raw.get("work_dir", "pacs/work")),
             outbox_dir=Path(raw.get("outbox_dir", "pacs/outbox")), stow_batch_size=int(raw.get("stow_batch_size", 20)),
@@ -220,6 +283,10 @@ def load_config(path: str | Path) -> PacsConfig:
     _check_protocols("listen", listen, {"send_with": SEND_PROTOCOLS}, endpoints)
     if len(config.ae_title) > 16 or not config.ae_title.strip():
         raise PacsConfigError(f"local.ae_title must be 1 to 16 characters, not {config.ae_title!r}")
-    if config.retry.attempts < 1 or listen.queue_size < 1:
-        raise PacsConfigError("retry.attempts and listen.queue_size must be at least 1")
+    if config.retry.attempts < 1:
+        raise PacsConfigError("retry.attempts must be at least 1")
+    wanting_tls = ["listen.tls"] * listen.tls + [f"endpoints.{e.name}.dicom_tls" for e in endpoints.values() if e.dicom_tls]
+    if wanting_tls and config.tls is None:
+        raise PacsConfigError(f"{', '.join(wanting_tls)} asks for DICOM TLS: give local.tls (certificate, private_key, "
+                              "ca_certificates)")
     return config

@@ -1,7 +1,9 @@
 """DIMSE with pynetdicom: C-ECHO, retrieval by C-GET or by C-MOVE to our own AE, and C-STORE with
 a status check per instance.
 
-Every failure becomes a ``PacsError`` naming the peer as ``AE@host:port`` and our AE title.
+Every failure becomes a ``PacsError`` naming the peer as ``AE@host:port`` and our AE title. With
+the endpoint's ``dicom_tls`` every association (C-ECHO, C-GET, C-MOVE and its receiver, C-STORE)
+speaks DICOM TLS with ``local.tls``; a failed handshake is an error that says why.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import QR_GET_SERVICE_CLASS_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from bundle.pacs.config import Endpoint
+from bundle.pacs.config import AcceptRule, Endpoint, PacsConfigError, TlsSettings
 from bundle.pacs.protocol import PacsError, StoreOutcome, instance_file_name, write_durably
+from bundle.pacs.security import AccessPolicy, client_context, reject, server_context, tls_failure
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +49,28 @@ class DimseClient:
     """One DIMSE peer (``endpoint``) talked to as ``calling_ae``.
 
     ``receive_port`` / ``bind_address``: where a temporary Storage SCP listens for C-MOVE
-    sub-operations (our own AE's port; the peer must know our AE title, host and port).
+    sub-operations (our own AE's port; the peer must know our AE title, host and port); it accepts
+    only the peer's AE title from the peer's host. ``tls``: ``local.tls``, used when the endpoint
+    has ``dicom_tls``.
     """
 
     def __init__(self, endpoint: Endpoint, calling_ae: str, retrieve_with: str = "c-get",
-                 receive_port: int | None = None, bind_address: str = "0.0.0.0"):
+                 receive_port: int | None = None, bind_address: str = "127.0.0.1", tls: TlsSettings | None = None):
         endpoint.require_dimse()
+        if endpoint.dicom_tls and tls is None:
+            raise PacsConfigError(f"endpoint {endpoint.name!r} has dicom_tls: give local.tls")
         self.endpoint = endpoint
         self.calling_ae = calling_ae
         self.retrieve_with = retrieve_with
         self.receive_port = receive_port
         self.bind_address = bind_address
+        self.tls = tls if endpoint.dicom_tls else None
+        self._client_context = client_context(self.tls) if self.tls else None
 
     @property
     def description(self) -> str:
-        return f"{self.endpoint.dimse_address} (DIMSE, as {self.calling_ae})"
+        secure = ", DICOM TLS" if self.tls else ""
+        return f"{self.endpoint.dimse_address} (DIMSE{secure}, as {self.calling_ae})"
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae)
@@ -84,6 +94,8 @@ class DimseClient:
         again at once: a peer that rejects and closes the connection in one go can lose its
         rejection to the reset (seen with Orthanc on a loaded machine, a few percent of the time)."""
         e = self.endpoint
+        if self._client_context is not None:
+            kwargs["tls_args"] = (self._client_context, e.host)
         for _ in range(tries):
             try:
                 assoc: Association = ae.associate(e.host, e.port, ae_title=e.ae_title, **kwargs)
@@ -97,6 +109,12 @@ class DimseClient:
                 reason = f"{answer.reason_str} ({answer.result_str})" if answer is not None else "no reason given"
                 raise PacsError(f"{what}: association rejected by {e.dimse_address} for calling AE {self.calling_ae}: "
                                 f"{reason}", retryable=not permanent)
+            if self._client_context is not None:  # pynetdicom keeps a failed handshake's reason to itself
+                failure = tls_failure(e.host, e.port, self._client_context, e.timeout_seconds)
+                if failure:
+                    raise PacsError(f"{what}: DICOM TLS with {e.dimse_address} failed: {failure}; its certificate must "
+                                    f"chain to a CA in {self.tls.ca_certificates} and name {e.host}, and ours "
+                                    f"({self.tls.certificate}) must be trusted there", retryable=False)
             time.sleep(0.1)
         raise PacsError(f"{what}: no DICOM association with {e.dimse_address}: connection refused, aborted or timed out")
 
@@ -159,9 +177,17 @@ class DimseClient:
         for cx in StoragePresentationContexts:
             receiver.add_supported_context(cx.abstract_syntax)
         port = self.receive_port
+        # the sub-operations come from the peer itself: nobody else may store into the retrieval
+        peer = AccessPolicy((AcceptRule(self.endpoint.ae_title, self.endpoint.host),))
+
+        def on_requested(event) -> None:
+            if peer.refusal(event.assoc.requestor.primitive.calling_ae_title, event.assoc.requestor.address):
+                reject(event.assoc)
+
         try:
             server = receiver.start_server((self.bind_address, port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+                                           ssl_context=server_context(self.tls) if self.tls else None,
+                                           evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_REQUESTED, on_requested)])
         except OSError as err:
             raise PacsError(f"C-MOVE: cannot receive as {self.calling_ae} on port {port} ({err.strerror}); is the "
                             "listener running on it? Retrieve with c-get, or stop the listener", retryable=False) from None

@@ -26,14 +26,14 @@ def retriever_for(config: PacsConfig, endpoint_name: str, protocol: str) -> Retr
     if protocol == "wado-rs":
         return DicomWebService(endpoint)
     return DimseClient(endpoint, config.ae_title, retrieve_with=protocol, receive_port=config.port,
-                       bind_address=config.bind_address)
+                       bind_address=config.bind_address, tls=config.tls)
 
 
 def sender_for(config: PacsConfig, endpoint_name: str, protocol: str) -> Sender:
     endpoint = config.endpoint(endpoint_name)
     if protocol == "stow-rs":
         return DicomWebService(endpoint, batch_size=config.stow_batch_size)
-    return DimseClient(endpoint, config.ae_title)
+    return DimseClient(endpoint, config.ae_title, tls=config.tls)
 
 
 def echo(config: PacsConfig, endpoint_name: str) -> list[tuple[str, str | None]]:
@@ -42,7 +42,7 @@ def echo(config: PacsConfig, endpoint_name: str) -> list[tuple[str, str | None]]
     endpoint = config.endpoint(endpoint_name)
     checks = []
     if endpoint.ae_title and endpoint.host and endpoint.port:
-        checks.append(("C-ECHO", DimseClient(endpoint, config.ae_title)))
+        checks.append(("C-ECHO", DimseClient(endpoint, config.ae_title, tls=config.tls)))
     if endpoint.dicomweb_url:
         checks.append(("QIDO-RS", DicomWebService(endpoint)))
     results = []

@@ -3,6 +3,8 @@
     python scripts/pacs.py echo                       # C-ECHO and a DICOMweb query to the configured PACS
     python scripts/pacs.py run --study UID [--series UID]
     python scripts/pacs.py listen                     # Store SCP: complete series -> inference -> destination
+                                                      # (loopback unless local.bind_address and listen.accept_from say
+                                                      # otherwise; DICOM TLS with listen.tls; audit in work_dir)
     python scripts/pacs.py resend [--job ID] [--again]
 
 Endpoints, folders and the model are in ``configs/pacs.json`` (``--config``); credentials only in

@@ -84,7 +84,7 @@ class StorageNode:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        context = server_context(self.config.tls, reception.tls_refused) if self.settings.tls else None
+        context = server_context(self.config.tls, reception.gatekeeper.tls_refused) if self.settings.tls else None
         self._server = ae.start_server((self.config.bind_address, self.config.port), block=False,
                                        ssl_context=context, evt_handlers=reception.handlers)
         self._worker = threading.Thread(target=self._work, name="pacs-node-worker", daemon=True)

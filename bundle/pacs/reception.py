@@ -1,9 +1,9 @@
 """What the node does with associations and the instances they store, before anything is inferred.
 
-``Reception`` decides at association time who may call (``listen.accept_from``: the calling AE
-title and the address), writes every accepted instance durably into ``incoming_dir/<series>/``
-before acknowledging it, keeps the limits, groups instances by series until a series is complete,
-and writes one audit line per association when it ends.
+``Gatekeeper`` decides at association time who may call (``listen.accept_from``: the calling AE
+title and the address) and writes one audit line per association when it ends. ``Reception``
+writes every accepted instance durably into ``incoming_dir/<series>/`` before acknowledging it,
+keeps the limits, and groups instances by series until a series is complete.
 
 Limits, each checked before anything is written, so a refusal (0xA700, Out of Resources) never
 leaves half a file and never touches what was acknowledged before: instances and bytes per
@@ -71,46 +71,30 @@ class SeriesArrivals:
     associations: set[str] = field(default_factory=set)
 
 
-class Reception:
-    """The node's receiving side; ``handlers`` are the pynetdicom event handlers to bind."""
+class Gatekeeper:
+    """Decides at association time who may call (``listen.accept_from``) and writes each
+    association's audit line when its connection closes; ``handlers`` for pynetdicom."""
 
-    def __init__(self, incoming: Path, settings: ListenSettings, audit: AuditTrail, tls: bool):
-        self.incoming = incoming
-        self.settings = settings
+    def __init__(self, settings: ListenSettings, audit: AuditTrail, tls: bool):
         self.audit = audit
         self.tls = tls
         self.policy = AccessPolicy(settings.accept_from)  # host names resolve now, once
         self._lock = threading.Lock()
-        self._series: dict[str, SeriesArrivals] = {}
         self._associations: dict[object, AssociationRecord] = {}
-        self._writing: set[Path] = set()
-        self.queued = 0
-        self.queued_bytes = 0
 
     @property
     def handlers(self) -> list[tuple]:
         return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected),
                 (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
-                (evt.EVT_CONN_CLOSE, self._on_closed), (evt.EVT_C_STORE, self._on_store)]
+                (evt.EVT_CONN_CLOSE, self._on_closed)]
 
-    def recover(self) -> None:
-        """Count what a previous run left in ``incoming`` (complete ``idle_seconds`` from now)."""
-        now = time.monotonic()
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
-            for partial in folder.glob("*.part"):  # never acknowledged: the sender was told it failed
-                partial.unlink()
-            files = list(folder.glob("*.dcm"))
-            if files:
-                size = sum(f.stat().st_size for f in files)
-                self._series[folder.name] = SeriesArrivals(len(files), size, last_arrival=now,
-                                                           associations=set(associations_of(folder)))
-                self.queued += len(files)
-                self.queued_bytes += size
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    # -- associations ---------------------------------------------------------------------------
+    def record(self, assoc) -> AssociationRecord:
+        """The record of an association in progress."""
+        with self._lock:
+            if assoc not in self._associations:  # not announced by EVT_REQUESTED (cannot happen with pynetdicom 2-3)
+                self._associations[assoc] = AssociationRecord(assoc.requestor.ae_title.strip(), assoc.requestor.address,
+                                                              self.tls)
+            return self._associations[assoc]
 
     def _on_requested(self, event) -> None:
         """EVT_REQUESTED: accept or reject (A-ASSOCIATE-RJ) before any data, by AE title and address."""
@@ -152,6 +136,41 @@ class Reception:
         logger.warning("refused a connection from %s: TLS handshake failed (%s)", address, reason)
         self.audit.write({"event": "tls-refused", "peer_address": address, "result": f"rejected: {reason}"})
 
+
+class Reception:
+    """The node's receiving side; ``handlers`` are the pynetdicom event handlers to bind."""
+
+    def __init__(self, incoming: Path, settings: ListenSettings, audit: AuditTrail, tls: bool):
+        self.incoming = incoming
+        self.settings = settings
+        self.gatekeeper = Gatekeeper(settings, audit, tls)
+        self._lock = threading.Lock()
+        self._series: dict[str, SeriesArrivals] = {}
+        self._writing: set[Path] = set()
+        self.queued = 0
+        self.queued_bytes = 0
+
+    @property
+    def handlers(self) -> list[tuple]:
+        return [*self.gatekeeper.handlers, (evt.EVT_C_STORE, self._on_store)]
+
+    def recover(self) -> None:
+        """Count what a previous run left in ``incoming`` (complete ``idle_seconds`` from now)."""
+        now = time.monotonic()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+            for partial in folder.glob("*.part"):  # never acknowledged: the sender was told it failed
+                partial.unlink()
+            files = list(folder.glob("*.dcm"))
+            if files:
+                size = sum(f.stat().st_size for f in files)
+                self._series[folder.name] = SeriesArrivals(len(files), size, last_arrival=now,
+                                                           associations=set(associations_of(folder)))
+                self.queued += len(files)
+                self.queued_bytes += size
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
     # -- instances ------------------------------------------------------------------------------
 
     def _limit_reached(self, record: AssociationRecord, size: int, new: bool) -> tuple[str, str] | None:
@@ -179,8 +198,7 @@ class Reception:
 
     def _on_store(self, event) -> int:
         """EVT_C_STORE: check, keep the limits, write durably, then acknowledge; a status for every outcome."""
-        record = self._associations.get(event.assoc) or AssociationRecord(event.assoc.requestor.ae_title.strip(),
-                                                                          event.assoc.requestor.address, self.tls)
+        record = self.gatekeeper.record(event.assoc)
         try:
             ds = event.dataset
             problem = dataset_problem(ds)

@@ -2,7 +2,8 @@
 
 Each ``OrthancServer`` has its own configuration, database and storage folder, HTTP Basic
 authentication, a checked called AE title, the DICOMweb plugin and the AE titles of the tests'
-peers registered (so C-GET, C-MOVE and storage to them are allowed). ``stop`` kills it by its pid;
+peers registered (so C-GET, C-MOVE and storage to them are allowed); with ``dicom_tls`` it speaks
+DICOM TLS only, requires callers' certificates and uses TLS towards its peers too. ``stop`` kills it by its pid;
 ``start`` again reuses the same folder and ports, so what it had stored is still there.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -134,17 +134,6 @@ class OrthancServer:
 
     def instance_count(self) -> int:
         return self.rest("get", "/statistics").json()["CountInstances"]
-
-
-def self_signed_certificate(folder: Path) -> tuple[Path, Path] | None:
-    """A certificate for 127.0.0.1 and its key made with ``openssl``, or None without openssl."""
-    if shutil.which("openssl") is None:
-        return None
-    cert, key = folder / "server.crt", folder / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 class TlsTerminator:

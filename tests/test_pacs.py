@@ -23,7 +23,8 @@ from bundle.pacs.config import REPOSITORY, Credentials, Endpoint, PacsConfigErro
 from bundle.pacs.outbox import Job, jobs_in
 from bundle.pacs.pipeline import echo, resend, retriever_for, run_study
 from bundle.pacs.protocol import PacsError
-from tests.orthanc import OrthancServer, TlsTerminator, free_port, require_orthanc, self_signed_certificate
+from tests.certificates import CertificateAuthority
+from tests.orthanc import OrthancServer, TlsTerminator, free_port, require_orthanc
 from tests.pacs_support import (  # noqa: F401 (checkpoint and credentials are fixtures)
     FAST_RETRY,
     OUR_AE,
@@ -129,10 +130,9 @@ def test_a_wrong_called_ae_title_is_an_association_rejected_error(pacs, tmp_path
 
 
 def test_https_verifies_the_certificate_and_trusts_a_given_ca(pacs, tmp_path, checkpoint, our_port, credentials):
-    certificate = self_signed_certificate(tmp_path)
-    if certificate is None:
-        pytest.skip("openssl is not installed: no certificate for the https endpoint")
-    https = TlsTerminator(*certificate, backend_port=pacs.http_port)
+    authority = CertificateAuthority(tmp_path / "pki", "https-ca")
+    server = authority.issue("dicomweb")
+    https = TlsTerminator(server.certificate, server.private_key, backend_port=pacs.http_port)
     url = f"https://127.0.0.1:{https.port}/dicom-web"
     try:
         untrusted = load_config(write_config(tmp_path / "a", checkpoint, our_port,
@@ -140,7 +140,7 @@ def test_https_verifies_the_certificate_and_trusts_a_given_ca(pacs, tmp_path, ch
         error = dict(echo(untrusted, "pacs"))[f"QIDO-RS {url} (DICOMweb)"]
         assert error.startswith(f"QIDO-RS: TLS certificate verification failed for {url}")
         trusted = load_config(write_config(tmp_path / "b", checkpoint, our_port,
-                                           {"pacs": endpoint_of(pacs, dicomweb_url=url, ca_bundle=str(certificate[0]))}))
+                                           {"pacs": endpoint_of(pacs, dicomweb_url=url, ca_bundle=str(authority.certificate))}))
         assert dict(echo(trusted, "pacs"))[f"QIDO-RS {url} (DICOMweb)"] is None
     finally:
         https.close()

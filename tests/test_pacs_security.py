@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -232,6 +233,7 @@ def test_the_tls_node_admits_only_its_accept_list_keeps_a_limit_and_audits_every
         tls=local_tls(pki))
     log = tmp_path / "node.log"
     node = start_node(config, port, log, tls_args=modality_tls(pki))
+    silent = socket.create_connection(("127.0.0.1", port))  # connects and never starts its TLS handshake
     try:
         rejected = "rejected: Calling AE title not recognised"
         assert association(port, "NOBODY", modality_tls(pki)) == rejected  # not on the list
@@ -248,6 +250,7 @@ def test_the_tls_node_admits_only_its_accept_list_keeps_a_limit_and_audits_every
             time.sleep(0.5)
         assert_results_reference_the_sources(results_in(tls_pacs, study), study, set(study.ct_instances))
     finally:
+        silent.close()
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
     lines = trail.lines()
@@ -260,8 +263,9 @@ def test_the_tls_node_admits_only_its_accept_list_keeps_a_limit_and_audits_every
         ("MODALITY", True, 2, {"CT Image Storage": 2}, {"0xA700 max_instances_per_association": 1}),
         ("MODALITY", True, 1, {"CT Image Storage": 1}, {})]
     tls_refusals = [line for line in lines if line["event"] == "tls-refused"]
-    assert len(tls_refusals) == 3 and {line["peer_address"] for line in tls_refusals} == {"127.0.0.1"}
-    assert any("certificate verify failed" in line["result"] for line in tls_refusals)
+    assert len(tls_refusals) == 4 and {line["peer_address"] for line in tls_refusals} == {"127.0.0.1"}
+    reasons = [line["result"] for line in tls_refusals]  # the silent caller held up the others for 10 s at most
+    assert reasons[0] == "rejected: no TLS handshake within 10 s" and "certificate verify failed" in reasons[1], reasons
     (forwarded,) = [line for line in lines if line["event"] == "forwarded"]
     assert forwarded["associations"] == sorted(c["association"] for c in stores)
     assert forwarded["stored"] == {"Parametric Map": 3, "Secondary Capture": 3} and forwarded["pending"] == {}

@@ -176,6 +176,22 @@ def test_each_limit_refuses_with_out_of_resources_before_writing_and_keeps_what_
     assert line["refused"] == {"0xA700 min_free_disk_bytes": 1} and line["instances"] == 0
 
 
+def test_a_peer_certificate_is_optional_only_where_configured(tmp_path, pki, checkpoint):
+    port = free_port()
+    config = write_config(tmp_path, checkpoint, port, NOWHERE, listen={"idle_seconds": 3600, "tls": True})
+    with_local(config, tls={**local_tls(pki), "require_peer_certificate": False})
+    node = StorageNode(load_config(config))
+    node.start()
+    try:
+        assert association(port, "MODALITY", modality_tls(pki, None)) == "accepted"  # shows none: accepted
+        assert association(port, "MODALITY", modality_tls(pki)) == "accepted"
+        assert association(port, "MODALITY", modality_tls(pki, "rogue")) == "no association"  # one shown is checked
+    finally:
+        node.stop()
+    results = [line["result"] for line in AuditTrail(tmp_path / "work").lines()]
+    assert results[:2] == ["accepted", "accepted"] and results[2].startswith("rejected: "), results
+
+
 # -- DICOM TLS against Orthanc --------------------------------------------------------------------
 
 def test_echo_c_get_and_c_move_work_over_dicom_tls(tls_pacs, pki, tmp_path, checkpoint, our_port):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 
-from bundle.data import NIFTI_SUFFIXES
+from bundle.data import NIFTI_SUFFIXES, dicom_values_unspoken
 from bundle.inputs import discover_inputs
 from bundle.label_table import KEYS, LabelTable
 from bundle.splits import SPLITS, grouped_stratified_split, patient_groups
@@ -67,8 +66,7 @@ def _dicom_children(folder: Path) -> set[Path]:
 
 def find_export_images(images_dir: Path, spatial_dims: int) -> tuple[list[ExportImage], list[str]]:
     """Every usable datalist entry under ``images_dir`` and, by file, why others cannot be one."""
-    with warnings.catch_warnings():  # pydicom's warnings about odd values quote the values (UIDs)
-        warnings.simplefilter("ignore")
+    with dicom_values_unspoken():
         inputs, failures = discover_inputs(images_dir, spatial_dims)
     skipped = [f"skipped {relative_name(f.path, images_dir)}: {f.reason}" for f in failures]
     images: list[ExportImage] = []
@@ -103,13 +101,12 @@ def read_identifiers(image: ExportImage, all_instances: bool) -> dict[str, set[s
     """
     values: dict[str, set[str]] = defaultdict(set)
     for f in image.files if all_instances else image.files[:1]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with dicom_values_unspoken():
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=IDENTIFIER_TAGS)
-        for keyword in IDENTIFIER_TAGS:
-            value = str(ds.get(keyword, "") or "").strip()
-            if value:
-                values[keyword].add(value)
+            for keyword in IDENTIFIER_TAGS:
+                value = str(ds.get(keyword, "") or "").strip()
+                if value:
+                    values[keyword].add(value)
     return values
 
 

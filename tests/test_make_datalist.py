@@ -1,9 +1,12 @@
 """scripts/make_datalist.py: a PACS export and a CSV of labels to a datalist, split by patient."""
 
 import csv
+import importlib.util
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -33,7 +36,9 @@ def write_dicom(path: Path, patient: str, study: str, series: str, accession: st
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.PatientID, ds.PatientName, ds.AccessionNumber = patient, f"Name^{patient}", accession
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    with warnings.catch_warnings():  # an invalid UID on purpose: pydicom would warn here
+        warnings.simplefilter("ignore")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.Modality = "CT"
     ds.InstanceNumber = int(position) + 1
     ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, position], [1, 0, 0, 0, 1, 0]
@@ -202,14 +207,14 @@ def test_class_names_and_conflicting_rows(export_2d, tmp_path):
 
 @pytest.fixture(scope="module")
 def export_3d(tmp_path_factory):
-    """CT series folders (3 slices) of 6 patients, two with a second study; a multi-frame volume; a
+    """CT series folders (3 slices) of 7 patients, two with a second study, one with invalid UIDs; a multi-frame volume; a
     folder mixing two series; a lone slice; a NIfTI volume; masks by path, by UID and a stray one."""
     root = tmp_path_factory.mktemp("export3d")
     images, masks = root / "images", root / "masks"
     facts = {"patient_of": {}, "series_of": {}, "uids": set()}
 
-    def series_folder(folder, patient, study, accession):
-        series = generate_uid()
+    def series_folder(folder, patient, study, accession, series=None):
+        series = series or generate_uid()
         facts["uids"] |= {patient, study, series, accession}
         for z in range(3):
             facts["uids"].add(write_dicom(images / folder / f"{z}.dcm", patient, study, series, accession, position=z))
@@ -219,6 +224,7 @@ def export_3d(tmp_path_factory):
     for p in range(6):
         for st in range(1 + (p < 2)):
             series_folder(f"p{p}/st{st}", f"PAT{p}", generate_uid(), f"ACC{p}{st}")
+    series_folder("p9/st0", "PAT9", "1.2.03.77", "ACC9", series="1.2.3.x9")  # invalid UIDs: pydicom would quote them
     mf_series = generate_uid()
     write_dicom(images / "mf" / "volume.dcm", "PAT6", generate_uid(), mf_series, "ACC6", frames=4)
     facts["patient_of"]["mf/volume.dcm"], facts["series_of"]["mf/volume.dcm"] = "PAT6", mf_series
@@ -244,7 +250,7 @@ def test_3d_series_folders_multiframe_files_and_masks(export_3d):
     build = build_datalist(root / "images", table, root, table_name="labels.csv", masks_dir=root / "masks",
                            spatial_dims=3, proportions=(0.5, 0.25, 0.25), seed=1)
     assert sorted(build.findings) == sorted([
-        "labels.csv row 11: matches no image (by SeriesInstanceUID)",
+        "labels.csv row 12: matches no image (by SeriesInstanceUID)",
         "mask stray.nii.gz matches no image",
         "skipped lone/slice.dcm: a single 2D image cannot be the input of a 3D model",
         "skipped the series in mixed/: the folder holds other DICOM files too; a series entry is a folder of its own",
@@ -296,3 +302,21 @@ def test_the_command_writes_a_datalist_the_training_config_accepts(export_3d, tm
     help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True).stdout
     for kind in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber", "--masks"):
         assert kind in help_text
+
+
+def test_odd_identifiers_are_not_quoted_in_warnings_or_logs(export_3d, tmp_path, caplog, capsys):
+    # pydicom reports an invalid UID through warnings and its logger, quoting it; none may get out
+    root, facts = export_3d
+    write_csv(tmp_path / "labels.csv", ["path", "label"], [["p9/st0", 1], ["p0/st0", 0]])
+    spec = importlib.util.spec_from_file_location("make_datalist", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = script.main(["--images", str(root / "images"), "--labels", str(tmp_path / "labels.csv"),
+                              "--spatial_dims", "3", "--split", "50/50/0", "--out", str(tmp_path / "datalist.json")])
+    assert status == 2  # the other images are unlabelled
+    out = capsys.readouterr()
+    said = caplog.text + out.out + out.err + "".join(str(w.message) for w in caught)
+    assert "1.2.3.x9" not in said and "1.2.03.77" not in said
+    assert "images/p9/st0/" in (tmp_path / "datalist.json").read_text()

@@ -64,10 +64,17 @@ def _dicom_children(folder: Path) -> set[Path]:
     return {p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and pydicom.misc.is_dicom(p)}
 
 
-def find_export_images(images_dir: Path, spatial_dims: int) -> tuple[list[ExportImage], list[str]]:
-    """Every usable datalist entry under ``images_dir`` and, by file, why others cannot be one."""
+def find_export_images(images_dir: Path, spatial_dims: int,
+                       exclude: tuple[Path, ...] = ()) -> tuple[list[ExportImage], list[str]]:
+    """Every usable datalist entry under ``images_dir`` and, by file, why others cannot be one.
+
+    ``exclude``: files and folders that are not images even when inside (the labels, the masks).
+    """
     with dicom_values_unspoken():
         inputs, failures = discover_inputs(images_dir, spatial_dims)
+    excluded = lambda p: any(p == e or e in p.parents for e in exclude)  # noqa: E731
+    inputs = [i for i in inputs if not excluded(i.files[0])]
+    failures = [f for f in failures if not excluded(f.path)]
     skipped = [f"skipped {relative_name(f.path, images_dir)}: {f.reason}" for f in failures]
     images: list[ExportImage] = []
     multiframe_2d = sorted({i.files[0] for i in inputs if i.kind == "dicom-frame"})
@@ -211,14 +218,17 @@ def _patient_keys(image: ExportImage, ids: dict[str, set[str]], row_patients: se
 
 def build_datalist(images_dir: str | Path, table: LabelTable, dataset_dir: str | Path, *, table_name: str = "labels",
                    masks_dir: str | Path | None = None, spatial_dims: int = 2,
-                   proportions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0) -> DatalistBuild:
+                   proportions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0,
+                   exclude: tuple[str | Path, ...] = ()) -> DatalistBuild:
     """Match the table to the images (and masks), split by patient and return the datalist.
 
     Entry paths are relative to ``dataset_dir`` (the folder the datalist is written to).
+    ``exclude``: files inside ``images_dir`` that are not images (the labels file, the datalist).
     """
     images_dir = Path(images_dir).resolve()
     dataset_dir = Path(dataset_dir).resolve()
-    images, skipped = find_export_images(images_dir, spatial_dims)
+    not_images = tuple(Path(p).resolve() for p in (*exclude, *([masks_dir] if masks_dir is not None else [])))
+    images, skipped = find_export_images(images_dir, spatial_dims, not_images)
     identifiers = {i.name: read_identifiers(i, all_instances=table.key_kind == "sop") if i.files else {}
                    for i in images}
     labels, row_patients, findings = match_rows(table, images, identifiers, images_dir, table_name)

@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         return 1
     print(f"labels keyed by {KEYS[table.key_kind][0]} (column {table.key_column!r})")
     build = build_datalist(args.images, table, out.parent, table_name=args.labels.name, masks_dir=args.masks,
-                           spatial_dims=args.spatial_dims, proportions=proportions, seed=args.seed)
+                           spatial_dims=args.spatial_dims, proportions=proportions, seed=args.seed,
+                           exclude=(args.labels, out))
     for finding in build.findings:
         print(finding, file=sys.stderr)
     for line in build.summary:

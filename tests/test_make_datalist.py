@@ -320,3 +320,20 @@ def test_odd_identifiers_are_not_quoted_in_warnings_or_logs(export_3d, tmp_path,
     said = caplog.text + out.out + out.err + "".join(str(w.message) for w in caught)
     assert "1.2.3.x9" not in said and "1.2.03.77" not in said
     assert "images/p9/st0/" in (tmp_path / "datalist.json").read_text()
+
+
+def test_labels_masks_and_datalist_inside_the_images_folder_are_not_taken_for_images(tmp_path):
+    export = tmp_path / "export"
+    for n in range(2):
+        write_dicom(export / f"im{n}.dcm", f"PAT{n}", generate_uid(), generate_uid(), f"ACC{n}")
+    write_nifti(export / "masks" / "im0.nii.gz")
+    write_csv(export / "labels.csv", ["path", "label"], [["im0.dcm", 0], ["im1.dcm", 1]])
+    out = export / "datalist.json"
+    out.write_text("{}")  # a datalist of an earlier run
+    cmd = [sys.executable, str(SCRIPT), "--images", str(export), "--labels", str(export / "labels.csv"),
+           "--masks", str(export / "masks"), "--split", "50/50/0", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    datalist = json.loads(out.read_text())
+    assert sorted(e["image"] for s in ("training", "validation") for e in datalist[s]) == ["im0.dcm", "im1.dcm"]
+    assert [e.get("mask") for s in datalist.values() for e in s if e["image"] == "im0.dcm"] == ["masks/im0.nii.gz"]

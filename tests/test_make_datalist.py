@@ -337,3 +337,23 @@ def test_labels_masks_and_datalist_inside_the_images_folder_are_not_taken_for_im
     datalist = json.loads(out.read_text())
     assert sorted(e["image"] for s in ("training", "validation") for e in datalist[s]) == ["im0.dcm", "im1.dcm"]
     assert [e.get("mask") for s in datalist.values() for e in s if e["image"] == "im0.dcm"] == ["masks/im0.nii.gz"]
+
+
+def test_label_tables_as_spreadsheets_save_them(tmp_path):
+    # a BOM, ';' separators, spaced column names, a blank last line, float-looking labels
+    (tmp_path / "excel.csv").write_bytes("\ufeffSeries Instance UID;Accession Number;Diagnosis\n1.2.3;A1;1.0\n4.5.6;A2;0\n;;\n"
+                                         .encode("utf-8"))
+    table = read_label_table(tmp_path / "excel.csv", label_column="Diagnosis")
+    assert (table.key_kind, table.key_column) == ("series", "Series Instance UID")  # the more specific key wins
+    assert [(r.row, r.key, r.label) for r in table.rows] == [(2, "1.2.3", 1), (3, "4.5.6", 0)] and not table.problems
+    by_accession = read_label_table(tmp_path / "excel.csv", key="accession", label_column="Diagnosis")
+    assert [r.key for r in by_accession.rows] == ["A1", "A2"]
+    named = read_label_table(tmp_path / "excel.csv", key_column="Accession Number", label_column="Diagnosis")
+    assert named.key_kind == "accession"
+    with pytest.raises(LabelTableError, match="no SOPInstanceUID column"):
+        read_label_table(tmp_path / "excel.csv", key="sop", label_column="Diagnosis")
+    write_csv(tmp_path / "nokey.csv", ["name", "label"], [["x", 1]])
+    with pytest.raises(LabelTableError, match="no key column"):
+        read_label_table(tmp_path / "nokey.csv")
+    with pytest.raises(LabelTableError, match="labels file not found"):
+        read_label_table(tmp_path / "absent.csv")

@@ -5,7 +5,7 @@ Formats (named by a ``FORMAT:`` prefix of the path, else detected from the key n
 - ``monai``: a checkpoint of the same MONAI network (bare, or under "state_dict"/"model"/"network";
   "module." and "net." prefixes stripped); its head is ignored; every other key must fit.
 - ``torchvision``: an ImageNet ResNet-18/34/50/101/152 state dict of torchvision (detected by a 2D
-  first convolution with 3 input channels, an ``fc`` head and no downsample bias). torchvision's
+  first convolution with 3 input channels, an ``fc`` head and projection shortcuts without bias). torchvision's
   key names are MONAI's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``/``.1``,
   ``fc``); its stem is a 7x7 stride-2 convolution and a 3x3 stride-2 max pooling, so the backbone
   must be built with ``conv1_t_stride=2`` (MONAI's default stride is 1: a different network
@@ -69,8 +69,9 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("conv_seg.") for k in state):
         return "medicalnet"
     conv1 = state.get("conv1.weight")
+    downsample = [k for k in state if ".downsample.0." in k]  # torchvision: projection shortcuts, never a bias
     if (conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3 and "fc.weight" in state
-            and "layer1.0.conv1.weight" in state and not any(k.endswith("downsample.0.bias") for k in state)):
+            and "layer1.0.conv1.weight" in state and downsample and all(k.endswith(".weight") for k in downsample)):
         return "torchvision"
     return "monai"
 

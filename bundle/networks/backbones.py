@@ -120,30 +120,14 @@ class BackboneFeatures(nn.Module):
         return self._family.features(self.net, x)
 
     def load_weights(self, path: str | Path) -> None:
-        """Load backbone weights from a local checkpoint of the same MONAI network.
-
-        Accepts a bare state dict or one under "state_dict" / "model" / "network"; "module."
-        (DDP) and "net." prefixes are stripped. The original head's keys are ignored; any other
-        missing, unexpected or mis-shaped key is an error naming the file.
+        """Load backbone weights from a local checkpoint: of the same MONAI network, a torchvision
+        ResNet or a MedicalNet 3D ResNet (``bundle.networks.pretrained`` says how each maps; a
+        ``torchvision:``/``medicalnet:``/``monai:`` prefix names the format, else the key names
+        tell). The checkpoint's head is ignored; any other missing, unexpected or mis-shaped key is
+        an error naming the file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "network"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        state = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if k not in self.head_keys}
-        own = self.net.state_dict()
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(set(own) - set(state))
-        mis_shaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-        if unexpected or missing or mis_shaped:
-            raise ValueError(
-                f"{path} does not hold {self.name} ({self.spatial_dims}D) backbone weights: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                f"wrong shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mis_shaped[:5]]}"
-            )
+        from bundle.networks.pretrained import backbone_state, split_format
+
+        state, fmt = backbone_state(self, path)
         self.net.load_state_dict(state)
-        logger.info("loaded %d backbone tensors from %s", len(state), path.name)
+        logger.info("loaded %d backbone tensors from %s (%s checkpoint)", len(state), split_format(path)[1].name, fmt)

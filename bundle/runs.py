@@ -143,7 +143,8 @@ class TrainingState:
         if self.resume:
             epoch, path = self._last_state()
             CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location).attach(engine)
-            # the saver takes over the files already there, so it keeps `keep` of them in all
+            # the saver takes over the files already there, so it keeps `keep` of them in all (MONAI's
+            # CheckpointSaver does not expose the ignite Checkpoint that saves every epoch)
             older = [(e, p.name) for e, p in training_states(self.ckpt_dir) if e <= epoch]
             saver._interval_checkpoint.load_state_dict({"_saved": older[-self.keep:]})
             logger.info("resuming %s from the end of epoch %d", self.ckpt_dir, epoch)

@@ -3,6 +3,7 @@ a real ``mlflow server``), and a training killed with SIGKILL and resumed."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,8 +14,10 @@ import urllib.request
 import mlflow
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
-from bundle.runs import complete, release_training_run, start_training_run, training_states
+from bundle.runs import (TrainingState, complete, last_run_dir, release_training_run, start_training_run,
+                         training_states, unique_stamp)
 from tests.conftest import ROOT
 
 # tiny and single-threaded: four of these share two cores
@@ -172,3 +175,42 @@ def test_a_checkpoint_folder_serves_one_training_at_a_time_and_resumes_only_the_
     assert start_training_run(uri, "softcam", "ignored", folder, {"max_epochs": 1}, resume=True) == run_id
     release_training_run(folder)
     assert json.loads((tmp_path / "models" / "run" / "run.json").read_text())["run_name"] == "resnet10-softcam-x"
+
+
+def test_stamps_are_unique_and_sort_by_time():
+    stamps = [unique_stamp() for _ in range(1000)]
+    assert len(set(stamps)) == 1000 and stamps == sorted(stamps, key=lambda s: s[:22])
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}-[0-9a-f]{4}", stamps[0])
+
+
+def test_evaluation_and_the_sigmoid_branch_default_to_the_newest_training_with_a_model(tmp_path):
+    runs = tmp_path / "models" / "resnet18-softcam"
+    for stamp, files in [("20260101-000000-000000-aaaa", ["model.pt"]), ("20260102-000000-000000-bbbb", ["model.pt"]),
+                         ("20260103-000000-000000-cccc", ["run.json"])]:  # the newest one stopped before a model
+        (runs / stamp).mkdir(parents=True)
+        for name in files:
+            (runs / stamp / name).write_bytes(b"")
+    overrides = {"bundle_root": str(ROOT), "models_dir": str(tmp_path / "models")}
+    evaluation = ConfigParser()
+    evaluation.read_config([str(ROOT / "configs/train.json"), str(ROOT / "configs/evaluate.json")])
+    evaluation.update(overrides)
+    assert evaluation.get_parsed_content("ckpt_dir") == str(runs / "20260102-000000-000000-bbbb")
+    branch = ConfigParser()
+    branch.read_config([str(ROOT / "configs/train.json"), str(ROOT / "configs/train_sigmoid_branch.json")])
+    branch.update(overrides)
+    assert branch.get_parsed_content("baseline_ckpt") == str(runs / "20260102-000000-000000-bbbb" / "model.pt")
+    assert branch.get_parsed_content("ckpt_dir").startswith(str(tmp_path / "models" / "resnet18-softcam-sigmoid-branch") + "/")
+    training = ConfigParser()
+    training.read_config(str(ROOT / "configs/train.json"))
+    training.update({**overrides, "resume": True})
+    assert training.get_parsed_content("ckpt_dir") == str(runs / "20260103-000000-000000-cccc")
+    with pytest.raises(FileNotFoundError, match="no training run with model.pt in"):
+        last_run_dir(tmp_path / "models" / "densenet121-softcam")
+
+
+def test_a_resume_without_a_saved_state_says_so(tmp_path):
+    state = TrainingState(str(tmp_path), torch.nn.Linear(1, 1), None, resume=True)
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FileNotFoundError, match="stopped before its first epoch ended"):
+        state._last_state()
+    assert not (tmp_path / "checkpoint_epoch=1.pt").exists()  # the cut file is removed

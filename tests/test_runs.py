@@ -98,7 +98,11 @@ def tracking_server(tmp_path):
         yield url, store
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive connections
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def test_four_trainings_at_once_on_a_tracking_server(dataset_2d, tmp_path, tracking_server):

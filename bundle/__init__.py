@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "handlers", "inference", "inputs", "losses",
-           "networks", "pacs", "synthetic", "tracking", "visualize", "writers"]
+           "networks", "pacs", "runs", "synthetic", "tracking", "visualize", "writers"]
 
 
 def __getattr__(name: str):

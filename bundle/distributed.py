@@ -54,3 +54,13 @@ def leave_process_group(device) -> None:
         return
     dist.barrier(device_ids=[device.index] if device.type == "cuda" and device.index is not None else None)
     dist.destroy_process_group()
+
+
+def from_rank0(value):
+    """``value`` as process 0 has it, in every process of the default process group (``value`` itself
+    when there is none): e.g. one run stamp, drawn by process 0, names the folders of all processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]

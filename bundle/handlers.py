@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from monai.utils import flatten_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from bundle.networks.classifier import ImageClassifier
-from bundle.tracking import log_artifact_to_active_run
+from bundle.tracking import log_artifact, prepared_uri, tracking_client
 from bundle.visualize import save_evidence_gallery
 
 logger = logging.getLogger(__name__)
@@ -19,7 +21,7 @@ logger = logging.getLogger(__name__)
 class EvidenceGalleryHandler:
     """After every validation epoch, draw the first ``num_images`` validation images with the
     evidence maps of their predicted class, save ``gallery_dir/epoch_XXX.png`` and log it into
-    the current MLflow run (``tracking_uri`` / ``experiment_name`` / ``run_name``; None: disk only).
+    the MLflow run ``run_id`` at ``tracking_uri`` (None: disk only).
 
     The images are taken from the evaluator's own batches, so they are exactly what it scored.
     Maps are drawn in float32, outside any autocast.
@@ -31,15 +33,14 @@ class EvidenceGalleryHandler:
         gallery_dir: str | Path,
         num_images: int = 8,
         tracking_uri: str | None = None,
-        experiment_name: str | None = None,
-        run_name: str | None = None,
+        run_id: str | None = None,
         enabled: bool = True,
     ):
         # the gallery's forward pass runs on rank 0 alone: through DDP it would wait for the other ranks
         self.network = network.module if isinstance(network, DistributedDataParallel) else network
         self.gallery_dir = Path(gallery_dir)
         self.num_images = num_images
-        self.tracking = (tracking_uri, experiment_name, run_name) if tracking_uri and run_name else None
+        self.tracking = (tracking_uri, run_id) if tracking_uri and run_id else None
         self.enabled = enabled
         self._images: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -77,9 +78,45 @@ class EvidenceGalleryHandler:
                               title=f"validation epoch {engine.state.epoch}")
         if self.tracking:
             try:
-                log_artifact_to_active_run(*self.tracking, path, "evidence_gallery")
+                log_artifact(*self.tracking, path, "evidence_gallery")
             except Exception as err:  # tracking must never stop training
                 logger.warning("could not log %s to MLflow: %s", path.name, err)
+
+
+class MLflowRunHandler(MLFlowHandler):
+    """MONAI's MLFlowHandler, logging into the run ``run_id`` and recording each step of a metric once.
+
+    MONAI's handler finds its run by searching the experiment for an unfinished run of the same name,
+    so trainings started in the same second (names to the second) wrote into one run. Here the run
+    is created (or reopened, to resume) before training, by ``bundle.runs.start_training_run``, and
+    handed over by id; everything else is MONAI's. A resumed training computes again the steps
+    between its last saved state and the interruption: a (metric, step) the run already holds is
+    not logged again (under deterministic training the recomputed value is the same one).
+    The SQLite busy timeout of ``bundle.tracking.prepared_uri`` applies to ``tracking_uri``, which
+    is used even when ``$MLFLOW_TRACKING_URI`` is set (the config resolves that one itself).
+    """
+
+    def __init__(self, run_id: str | None = None, tracking_uri: str | None = None, **kwargs):
+        super().__init__(tracking_uri=prepared_uri(tracking_uri) if tracking_uri else None, **kwargs)
+        if tracking_uri:
+            self.client = tracking_client(tracking_uri)
+        self.run_id = run_id
+        self._recorded: dict[str, set[int]] | None = None
+
+    def start(self, engine: Engine) -> None:
+        if self.cur_run is None and self.run_id:
+            self.cur_run = self.client.get_run(self.run_id)
+        if self._recorded is None and self.cur_run is not None:
+            run_id = self.cur_run.info.run_id
+            self._recorded = {key: {m.step for m in self.client.get_metric_history(run_id, key)}
+                              for key in self.client.get_run(run_id).data.metrics}
+        super().start(engine)
+
+    def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        recorded = self._recorded or {}
+        fresh = {k: v for k, v in flatten_dict(metrics).items() if (step or 0) not in recorded.get(k, ())}
+        if fresh:
+            super()._log_metrics(fresh, step=step)
 
 
 class TrainingProgress:

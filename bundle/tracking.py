@@ -1,7 +1,9 @@
-"""MLflow tracking around MONAI's MLFlowHandler: where the store is, and logging into the current run."""
+"""MLflow tracking around MONAI's MLFlowHandler: where the store is, making it safe for many
+processes at once, and opening, reopening and logging into one run by its id."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -10,18 +12,66 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# How long a process waits for another one's write to an embedded SQLite store before giving up
+# (SQLite's own default is 5 s, which several trainings logging every iteration exceed).
+SQLITE_BUSY_TIMEOUT_S = 60
+
 
 def tracking_uri(output_dir: str | Path, uri: str | None = None) -> str:
     """The MLflow tracking URI: ``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else an embedded
-    SQLite store ``output_dir/mlflow.db`` (artifacts beside it in ``output_dir/mlruns``)."""
+    SQLite store ``output_dir/mlflow.db`` (artifacts beside it in ``output_dir/mlruns``).
+
+    A SQLite URI comes back with a busy timeout and its store created (see :func:`prepared_uri`)."""
     from monai.utils import path_to_sqlite_uri
 
-    if uri:
+    if not uri:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        uri = path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlflow.db"))
+    return prepared_uri(uri)
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI (without its query), None for other stores."""
+    from urllib.parse import unquote
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return path if path and path != ":memory:" else None
+
+
+@functools.cache
+def prepared_uri(uri: str) -> str:
+    """``uri``, made safe for several processes sharing one embedded SQLite store; other URIs unchanged.
+
+    - SQLite gets ``timeout`` (:data:`SQLITE_BUSY_TIMEOUT_S`; SQLAlchemy passes it to ``sqlite3.connect``)
+      unless the URI sets one, so a writer waits for another's transaction instead of failing with
+      "database is locked".
+    - The store's tables are created under a file lock (``<db>.lock``): MLflow creates and migrates
+      the schema of a new database in whichever process opens it first, and two processes doing so
+      at once fail ("table ... already exists", "duplicate column name").
+    """
+    import mlflow
+    from filelock import FileLock
+
+    path = _sqlite_path(uri)
+    if path is None:
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlflow.db"))
+    if "timeout=" not in uri.partition("?")[2]:
+        uri += ("&" if "?" in uri else "?") + f"timeout={SQLITE_BUSY_TIMEOUT_S}"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path + ".lock"):
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates the schema once
+    return uri
+
+
+def tracking_client(uri: str):
+    """An ``MlflowClient`` on ``uri`` after :func:`prepared_uri`."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=prepared_uri(uri))
 
 
 def artifact_location(uri: str) -> str | None:
@@ -29,33 +79,58 @@ def artifact_location(uri: str) -> str | None:
     MLFlowHandler puts them), not in the working directory; a server decides for itself."""
     from monai.utils import path_to_uri
 
-    if uri.startswith("sqlite:///"):
-        return path_to_uri(Path(uri.removeprefix("sqlite:///")).parent / "mlruns")
-    return None
+    path = _sqlite_path(uri)
+    return path_to_uri(Path(path).parent / "mlruns") if path else None
 
 
-def log_artifact_to_active_run(uri: str, experiment_name: str, run_name: str, path: Path, artifact_path: str) -> bool:
-    """Log a file into the unfinished run named ``run_name``: the run MONAI's MLFlowHandler opened.
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing; another process creating it at the same
+    moment is not an error."""
+    from mlflow.exceptions import MlflowException
 
-    Returns False (and logs why) when there is no such run, so a tracking hiccup never stops training.
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_run(uri: str, experiment_name: str, run_name: str) -> str:
+    """Create a new run (status RUNNING) and return its id. Runs are told apart by id, never by name."""
+    client = tracking_client(uri)
+    return client.create_run(experiment_id(client, experiment_name, uri), run_name=run_name).info.run_id
+
+
+def reopen_run(uri: str, run_id: str, params: dict | None = None) -> str:
+    """Mark run ``run_id`` RUNNING again, to continue logging into it; return its id.
+
+    ``params`` (what the continuing process would log) must equal what the run holds: a resumed
+    training is the same training, and MLflow refuses a changed parameter anyway, late and obscurely.
     """
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        logger.warning("MLflow experiment %r not found; %s kept on disk only", experiment_name, path.name)
-        return False
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'",
-        max_results=1,
-    )
-    if not runs:
-        logger.warning("no running MLflow run %r; %s kept on disk only", run_name, path.name)
-        return False
-    client.log_artifact(runs[0].info.run_id, str(path), artifact_path)
-    return True
+    client = tracking_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"MLflow run {run_id} is not in the store {uri}: resume with the --output_dir or "
+                         f"--tracking_uri the training was started with") from err
+    logged = run.data.params
+    changed = {k: (logged[k], str(v)) for k, v in (params or {}).items() if k in logged and logged[k] != str(v)}
+    if changed:
+        listing = ", ".join(f"{k}: {old} (run) != {new} (now)" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"cannot resume MLflow run {run.info.run_name!r} with other settings: {listing}")
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Log one file into run ``run_id``."""
+    tracking_client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
 class InferenceTracking:
@@ -128,14 +203,10 @@ class ComparisonTracking:
         import math
         import re
 
-        import mlflow
         from mlflow.entities import Metric, Param
 
-        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            self.experiment_name, artifact_location=artifact_location(self.tracking_uri))
-        run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+        client = tracking_client(self.tracking_uri)
+        run_id = open_run(self.tracking_uri, self.experiment_name, self.run_name)
         try:
             now = int(1000 * time.time())
             values = [Metric(f"{key}.{re.sub(r'[^0-9A-Za-z_.-]+', '_', row['method'])}", float(value), now, 0)

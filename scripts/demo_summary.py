@@ -26,7 +26,8 @@ def main() -> None:
         print(f"{title:28s} {scores}")
         print(f"{'':28s} checkpoint   {args.demo / 'models' / head / 'model.pt'}")
         print(f"{'':28s} metrics      {metrics_file}")
-        print(f"{'':28s} galleries    {args.output_dir / f'{args.backbone}-{head}' / 'gallery'}")
+        galleries = sorted((args.output_dir / f"{args.backbone}-{head}").glob("*/gallery"))  # one folder per run
+        print(f"{'':28s} galleries    {galleries[-1] if galleries else 'none'}")
     comparison = args.output_dir / "comparison"
     if (comparison / "comparison.md").is_file():
         print(f"\nExplanation comparison (test split): {comparison}")

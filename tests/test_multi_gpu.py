@@ -4,9 +4,12 @@ memory format, mixed-precision dtype."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import warnings
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -18,6 +21,7 @@ from monai.engines.utils import default_prepare_batch
 from bundle.acceleration import PrepareBatchInMemoryFormat, cached_dataset
 from bundle.inference import EvidenceInference
 from bundle.networks.classifier import classifier
+from bundle.runs import complete, training_states
 from tests.conftest import ROOT
 
 TINY_MODEL = ["--backbone", "resnet10", "--backbone_kwargs", "{'widen_factor': 0.125}", "--image_size", "32",
@@ -40,6 +44,20 @@ def _killed_by_a_signal(result: subprocess.CompletedProcess) -> bool:
     return re.search(r"Root Cause.*?exitcode\s*:\s*-\d+", result.stderr, re.DOTALL) is not None
 
 
+def _two_process_training(dataset_dir, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json", "--logging_file",
+            "configs/logging.conf", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+            "--dataset_dir", str(dataset_dir), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
+            "--max_epochs", "2", *TINY_MODEL, *extra]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    return env
+
+
 @pytest.fixture(scope="module")
 def two_process_run(dataset_2d, tmp_path_factory):
     """Train for two epochs with two processes on the CPU (gloo), as ``torchrun`` would on two GPUs.
@@ -49,16 +67,10 @@ def two_process_run(dataset_2d, tmp_path_factory):
     ("terminate called without an active exception"), which 56 runs here did not reproduce. Python's
     fault handler is on, so such an abort prints every thread's stack. Any other failure fails at once.
     """
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     for attempt in range(2):
         out = tmp_path_factory.mktemp("multi_gpu_run")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json", "--logging_file",
-                   "configs/logging.conf", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-                   "--dataset_dir", str(dataset_2d), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
-                   "--max_epochs", "2", *TINY_MODEL]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        result = subprocess.run(_two_process_training(dataset_2d, out), cwd=ROOT, capture_output=True, text=True,
+                                env=_env(), timeout=300)
         if attempt == 0 and result.returncode != 0 and _killed_by_a_signal(result):
             warnings.warn(f"a training process was killed by a signal; running again. Its report:\n{result.stderr[-6000:]}")
             continue
@@ -82,7 +94,8 @@ def test_two_processes_log_one_mlflow_run(two_process_run):
 
 
 def test_two_processes_save_one_best_checkpoint_of_the_bare_network(two_process_run):
-    assert sorted(p.name for p in (two_process_run / "models").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (two_process_run / "models").glob("*.pt")) == [
+        "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"]
     state = torch.load(two_process_run / "models" / "model.pt", map_location="cpu", weights_only=True)
     network = classifier("resnet10", backbone_kwargs={"widen_factor": 0.125})
     network.load_state_dict(state)  # strict: no "module." prefix from DistributedDataParallel
@@ -90,7 +103,7 @@ def test_two_processes_save_one_best_checkpoint_of_the_bare_network(two_process_
 
 def test_the_two_ranks_train_on_different_images_each_epoch(two_process_run, dataset_2d):
     n_training = len(json.loads((dataset_2d / "datalist.json").read_text())["training"])
-    shards = two_process_run / "eval" / "resnet10-softcam" / "shards"
+    (shards,) = (two_process_run / "eval" / "resnet10-softcam").glob("*/shards")
     records = [json.loads((shards / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
     assert set(records[0]["epochs"]) == set(records[1]["epochs"]) == {"1", "2"}
@@ -100,6 +113,50 @@ def test_the_two_ranks_train_on_different_images_each_epoch(two_process_run, dat
         assert not set(seen[0]) & set(seen[1])
         assert set(seen[0]) | set(seen[1]) == set(range(n_training))
     assert records[0]["epochs"]["1"] != records[0]["epochs"]["2"]  # the sampler reshuffles every epoch
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux ``/proc``): torchrun starts each worker in its own session."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in Path(f"/proc/{tree[i]}/task").glob("*"):
+            tree += [int(c) for c in (task / "children").read_text().split()]
+        i += 1
+    return tree
+
+
+def test_two_processes_killed_after_epoch_1_resume_into_the_same_run_and_state(two_process_run, dataset_2d, tmp_path):
+    """Every process of a torchrun training is SIGKILLed once epoch 1's state is saved (a preempted node);
+    the resumed training ends with the state of the uninterrupted one (``two_process_run``)."""
+    first = subprocess.Popen(_two_process_training(dataset_2d, tmp_path), cwd=ROOT, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "first.log").open("w"))
+    deadline = time.monotonic() + 300
+    while not any(e == 1 and complete(p) for e, p in training_states(tmp_path / "models")):
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-4000:]
+        time.sleep(0.02)
+    for pid in _process_tree(first.pid):
+        os.kill(pid, signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    resumed = subprocess.run(_two_process_training(dataset_2d, tmp_path, "--resume", "true"), cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "from the end of epoch 1" in resumed.stdout + resumed.stderr
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("softcam").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "auc")] == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3, 4]
+    after_resume = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    without_break = torch.load(two_process_run / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    for key, value in without_break["network"].items():
+        assert torch.equal(after_resume["network"][key], value), key
+    assert after_resume["trainer"] == without_break["trainer"]
+    # each process's own generators were saved and restored: process 1's differ from process 0's
+    processes = after_resume["random"]["processes"]
+    assert len(processes) == 2 and not torch.equal(processes[0]["torch"], processes[1]["torch"])
+    for mine, reference in zip(processes, without_break["random"]["processes"]):
+        assert torch.equal(mine["torch"], reference["torch"])
 
 
 @pytest.mark.parametrize("cache, expected", [("memory", CacheDataset), ("disk", PersistentDataset), ("none", Dataset)])

@@ -249,7 +249,7 @@ class ExplanationComparison:
                 box_curves[contender.label] = box_curve
             logger.info("comparison: %s done (%.3f s / image)", contender.label, row["seconds_per_image"])
         for grid_shape in dict.fromkeys(row.pop("_raw_shape") for row in list(rows)):
-            for row, box_curve in self.reference_rows(grid_shape, annotated):
+            for row, box_curve in self.reference_rows(grid_shape, annotated) if annotated.any() else []:
                 rows.append(row)
                 box_curves[row["method"]] = box_curve
         random_curves = {name: (c["deletion"].counts.cpu(), c["deletion"].scores.mean(0).cpu()) for name, c in baselines.items()}

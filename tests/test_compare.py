@@ -178,7 +178,7 @@ def test_the_dual_branch_keeps_the_black_boxs_classification(comparison):
 
 
 def test_xgradcam_equals_gradcam_for_global_average_pooling(comparison):
-    _, rows = comparison  # methods.md: gradients of GAP + linear are spatially constant, so the maps are equal
+    _, rows = comparison  # gradients of GAP + linear are spatially constant, so the maps are equal
     xgrad, grad = rows["black box + XGrad-CAM"], rows["black box + Grad-CAM"]
     columns = [c for c in grad if c not in ("method", "kind", "seconds_per_image", "raw_map_shape")]
     assert grad["average_drop"] not in ("", "nan")  # defined on every test image

@@ -140,6 +140,32 @@ def localisation_scores(maps: torch.Tensor, masks: torch.Tensor, predicted: torc
     return columns, curves
 
 
+def classification(logits: torch.Tensor, labels: torch.Tensor, ordinal: bool = False) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC and Cohen's kappa (quadratic for ordinal grades) of logits (N, C)."""
+    predicted, classes = logits.argmax(1), logits.shape[1]
+    return {"accuracy": float(accuracy(predicted, labels)),
+            "balanced_accuracy": float(balanced_accuracy(predicted, labels, classes)),
+            "auc": float(roc_auc(logits.softmax(1), labels)),
+            "kappa": float(cohen_kappa(predicted, labels, classes, "quadratic" if ordinal else None))}
+
+
+def reference_rows(test, grid_shape: tuple[int, ...], options: LocalisationOptions, seed: int = 0,
+                   device: str | torch.device = "cpu") -> list[tuple[dict, tuple | None]]:
+    """Ceiling and chance of the localisation columns at a map resolution, on the annotated images
+    of ``test``: the ideal map (the mask pooled to the grid, upsampled as the maps are) and a seeded
+    random map. Top-1 Loc takes the class as right, so it equals GT-Loc there."""
+    annotated = test.masks.flatten(1).any(1)
+    masks, labels = test.masks[annotated].to(device), test.labels[annotated]
+    size = "x".join(map(str, grid_shape))
+    maps = {"ideal": localisation.ideal_maps(masks, grid_shape),
+            "random": localisation.random_maps(tuple(masks.shape), grid_shape, seed, device)}
+    rows = []
+    for kind, reference in maps.items():
+        columns, box_curve = localisation_scores(reference, masks, labels, labels, options)
+        rows.append(({"method": f"{kind} map at {size}", "kind": kind, **columns, "raw_map_shape": size}, box_curve))
+    return rows
+
+
 class ExplanationComparison:
     """Score every contender on a test set; write the table, curves and a method grid.
 
@@ -190,12 +216,6 @@ class ExplanationComparison:
         return torch.cat([model(images[i : i + self.batch_size].to(self.device)).float().cpu()
                           for i in range(0, len(images), self.batch_size)])
 
-    def classification(self, logits: torch.Tensor) -> dict[str, float]:
-        labels, predicted, classes = self.test_set.labels, logits.argmax(1), logits.shape[1]
-        return {"accuracy": float(accuracy(predicted, labels)), "balanced_accuracy": float(balanced_accuracy(predicted, labels, classes)),
-                "auc": float(roc_auc(logits.softmax(1), labels)),
-                "kappa": float(cohen_kappa(predicted, labels, classes, "quadratic" if self.ordinal else None))}
-
     def explain(self, explainer, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Upsampled maps (N, *S) on the CPU and the raw maps' spatial shape, batch by batch."""
         maps, raw_shape = [], None
@@ -211,8 +231,9 @@ class ExplanationComparison:
         (the images are in [0, 1], not centred)."""
         test = self.test_set
         spatial = tuple(test.images.shape[2:])
+        patches = faithfulness.count_patches(spatial, self.deletion_patch)
         options = {"patch_size": self.deletion_patch, "baseline": float(test.images.mean()), "chunk_size": self.batch_size,
-                   "num_patches": max(1, round(self.deletion_fraction * faithfulness.count_patches(spatial, self.deletion_patch)))}
+                   "num_patches": max(1, round(self.deletion_fraction * patches))}
         images, targets = test.images[chosen].to(self.device), test.labels[chosen].to(self.device)
         maps = maps.to(self.device)
 
@@ -238,7 +259,9 @@ class ExplanationComparison:
                     len(test.labels), int(annotated.sum()), int(lesion.sum()), len(models))
         shape = (int(lesion.sum()), *test.images.shape[2:])
         random_order = faithfulness.random_patch_maps(shape, self.deletion_patch, self.seed)
-        baselines = {name: self.perturbation(model, random_order, lesion) for name, model in models.items()} if lesion.any() else {}
+        baselines = {}  # each model's curves in a random patch order: the baseline of its rows
+        if lesion.any():
+            baselines = {name: self.perturbation(model, random_order, lesion) for name, model in models.items()}
         rows, curves, box_curves, grid = [], {}, {}, {}
         for contender in (c for c in self.contenders if c.model in models):
             row, curve, box_curve, shown = self.score(contender, models[contender.model], logits[contender.model],
@@ -248,8 +271,9 @@ class ExplanationComparison:
             if box_curve is not None:
                 box_curves[contender.label] = box_curve
             logger.info("comparison: %s done (%.3f s / image)", contender.label, row["seconds_per_image"])
-        for grid_shape in dict.fromkeys(row.pop("_raw_shape") for row in list(rows)):
-            for row, box_curve in self.reference_rows(grid_shape, annotated) if annotated.any() else []:
+        raw_shapes = dict.fromkeys(row.pop("_raw_shape") for row in list(rows))
+        for grid_shape in raw_shapes if annotated.any() else []:  # ceiling and chance at every map resolution
+            for row, box_curve in reference_rows(test, grid_shape, self.localisation_options, self.seed, self.device):
                 rows.append(row)
                 box_curves[row["method"]] = box_curve
         random_curves = {name: (c["deletion"].counts.cpu(), c["deletion"].scores.mean(0).cpu()) for name, c in baselines.items()}
@@ -291,8 +315,9 @@ class ExplanationComparison:
             return model(x.to(self.device)).float()
 
         images = test.images.to(self.device)
-        change = faithfulness.confidence_change(classify, images, maps.to(self.device), predicted.to(self.device), self.batch_size)
-        row = {"method": contender.label, "kind": "method", **self.classification(logits),
+        change = faithfulness.confidence_change(classify, images, maps.to(self.device), predicted.to(self.device),
+                                                self.batch_size)
+        row = {"method": contender.label, "kind": "method", **classification(logits, test.labels, self.ordinal),
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
         curve = (torch.zeros(0), torch.zeros(0))
         if baseline is not None:
@@ -310,37 +335,22 @@ class ExplanationComparison:
         sign = evidence_sign_consistency(disease_maps, diseased)
         row.update(sign_consistency=_nanmean(sign), sign_positive_lesion=_nanmean(sign[diseased]),
                    sign_negative_healthy=_nanmean(sign[~diseased]))
-        row["randomisation_correlation"] = self.randomisation(model, contender)
+        row["randomisation_correlation"] = math.nan if self.randomisation_images <= 0 else randomisation_correlation(
+            model, contender, test.images[: self.randomisation_images].to(self.device), self.randomised_backbone_layers)
         row["seconds_per_image"] = seconds
         row["raw_map_shape"], row["_raw_shape"] = "x".join(map(str, raw_shape)), raw_shape
         return row, curve, box_curve, maps[self._grid_indices(annotated)]
 
-    def reference_rows(self, grid_shape: tuple[int, ...], annotated: torch.Tensor) -> list[tuple[dict, tuple | None]]:
-        """Ceiling and chance of the localisation columns at a map resolution: the ideal map (the mask
-        pooled to the grid, upsampled as the maps are) and a seeded random map. Top-1 Loc takes the
-        class as right, so it equals GT-Loc there."""
-        masks, labels = self.test_set.masks[annotated].to(self.device), self.test_set.labels[annotated]
-        size = "x".join(map(str, grid_shape))
-        maps = {"ideal": localisation.ideal_maps(masks, grid_shape),
-                "random": localisation.random_maps(tuple(masks.shape), grid_shape, self.seed, self.device)}
-        rows = []
-        for kind, reference in maps.items():
-            columns, box_curve = localisation_scores(reference, masks, labels, labels, self.localisation_options)
-            rows.append(({"method": f"{kind} map at {size}", "kind": kind, **columns, "raw_map_shape": size}, box_curve))
-        return rows
 
-    def randomisation(self, model, contender: Contender) -> float:
-        """Parameter-randomisation sanity check on the first few test images (Adebayo et al. 2018):
-        the same backbone layers, counted from the output, for every row, and the explaining head."""
-        if self.randomisation_images <= 0:
-            return math.nan
-        images = self.test_set.images[: self.randomisation_images].to(self.device)
-        with torch.no_grad():
-            targets = model(images).argmax(1)
-        head = target_named(contender.target).explaining_head(model)
-        layers = faithfulness.layers_from_output(model, model.features, head, self.randomised_backbone_layers)
+def randomisation_correlation(model, contender: Contender, images: torch.Tensor, backbone_layers: int) -> float:
+    """Parameter-randomisation sanity check (Adebayo et al. 2018) on ``images`` for their predicted
+    classes: the same backbone layers, counted from the output, for every row, and the explaining head."""
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    head = target_named(contender.target).explaining_head(model)
+    layers = faithfulness.layers_from_output(model, model.features, head, backbone_layers)
 
-        def explain(net, x, t):
-            return make_explainer(contender.method, net, contender.target)(x, t).upsampled[:, 0]
+    def explain(net, x, t):
+        return make_explainer(contender.method, net, contender.target)(x, t).upsampled[:, 0]
 
-        return _nanmean(faithfulness.parameter_randomisation_correlation(model, explain, images, targets, layers, seed=0))
+    return _nanmean(faithfulness.parameter_randomisation_correlation(model, explain, images, targets, layers, seed=0))

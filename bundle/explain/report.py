@@ -97,7 +97,7 @@ def plot_deletion_curves(path: Path, curves: dict[str, tuple[torch.Tensor, torch
     ax.set_xlabel(f"patches deleted, most evidence first (of {total_patches})")
     ax.set_ylabel("min(p', p) / p of the lesion class")
     ax.set_title("Deletion curves on lesion images (lower area = more faithful)")
-    if ax.lines:  # no curve when no lesion image is classified correctly by every model
+    if ax.get_legend_handles_labels()[0]:  # no curve when no lesion image is classified correctly by every model
         ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -123,7 +123,7 @@ def plot_box_accuracy(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Te
         ax.set_xlabel("tau (threshold / max of minmax(ReLU(map)))")
         ax.set_title(f"{title}, IoU >= {delta}", fontsize=9)
     axes[0].set_ylabel("BoxAcc: fraction of lesion images hit")
-    if axes[1].lines:
+    if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

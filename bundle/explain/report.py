@@ -84,16 +84,17 @@ def _legend_style(label: str) -> str:
 def plot_deletion_curves(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
                          random_curves: dict[str, tuple[torch.Tensor, torch.Tensor]], total_patches: int) -> Path:
     """Mean deletion curve (min(p', p) / p against the patches deleted) of every row, and of every
-    model in a random patch order (dotted, grey): the baseline a map's order has to beat."""
+    model in a random patch order (dotted, in greys): the baseline a map's order has to beat."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, (counts, scores) in curves.items():
         if len(counts):
             ax.plot(counts.numpy(), scores.numpy(), label=label, linestyle=_legend_style(label))
-    for model, (counts, scores) in random_curves.items():
+    greys = ("black", "dimgrey", "grey", "darkgrey", "silver")
+    for i, (model, (counts, scores)) in enumerate(random_curves.items()):
         if len(counts):
-            ax.plot(counts.numpy(), scores.numpy(), label=f"{model}: random order", linestyle=":", color="grey")
+            ax.plot(counts.numpy(), scores.numpy(), label=f"{model}: random order", linestyle=":", color=greys[i % len(greys)])
     ax.set_xlabel(f"patches deleted, most evidence first (of {total_patches})")
     ax.set_ylabel("min(p', p) / p of the lesion class")
     ax.set_title("Deletion curves on lesion images (lower area = more faithful)")

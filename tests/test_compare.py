@@ -29,17 +29,18 @@ NET = {"backbone": "resnet10", "num_classes": 2,
        "backbone_kwargs": {"widen_factor": 0.125, "no_max_pool": True, "conv1_t_stride": 1}}
 
 
-def tiny_test_set(n: int = 8) -> ComparisonSet:
-    """Images (n, 1, 32, 32); every other one has an 8 x 8 lesion aligned to one evidence cell."""
-    images = torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(n) % 2
-    masks = torch.zeros(n, 32, 32, dtype=torch.bool)
+def tiny_test_set(labels: tuple[int, ...] = (0, 1) * 4) -> ComparisonSet:
+    """Images (n, 1, 32, 32); those labelled 1 have an 8 x 8 lesion aligned to one evidence cell."""
+    labels = torch.tensor(labels)
+    images = torch.rand(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(len(labels), 32, 32, dtype=torch.bool)
     masks[labels == 1, 8:16, 16:24] = True
     images[masks.unsqueeze(1)] += 1.0
     return ComparisonSet(images, labels, masks)
 
 
-def compare(tmp_path, models: dict, contenders: list[Contender], **options) -> tuple[dict, ExplanationComparison]:
+def compare(tmp_path, models: dict, contenders: list[Contender], test_set: ComparisonSet | None = None,
+            network: dict = NET, **options) -> tuple[dict, ExplanationComparison]:
     specs = {}
     for name, (model, head, branch) in models.items():
         path = tmp_path / name / "model.pt"
@@ -47,7 +48,7 @@ def compare(tmp_path, models: dict, contenders: list[Contender], **options) -> t
         torch.save(model.state_dict(), path)
         specs[name] = {"head": head, "checkpoint": str(path), "branch": branch}
     options = {"randomisation_images": 0, "grid_images": 2, "deletion_patch": 4, "localisation_patch": 8, **options}
-    comparison = ExplanationComparison(tiny_test_set(), specs, NET, str(tmp_path / "out"), contenders, **options)
+    comparison = ExplanationComparison(test_set or tiny_test_set(), specs, network, str(tmp_path / "out"), contenders, **options)
     return {row["method"]: row for row in comparison.run()}, comparison
 
 
@@ -82,10 +83,11 @@ def test_sign_consistency_reads_the_disease_class_map_on_every_image(tmp_path):
     # negative everywhere: no positive evidence on lesion images, all negative on healthy ones (the
     # predicted class's map, +1, would read the opposite)
     rows, _ = compare(tmp_path, {"SoftCAM": (constant_softcam((1.0, -3.0)), "softcam", False)},
-                      [Contender("raw", "SoftCAM", "softcam"), Contender("contrast", "SoftCAM", "softcam", "contrast")])
+                      [Contender("raw", "SoftCAM", "softcam"), Contender("contrast", "SoftCAM", "softcam", "contrast")],
+                      test_set=tiny_test_set((1, 1, 1, 0)))
     for label in ("raw", "contrast"):  # the contrast map of class 1, E_1 - E_0 = -4, has the same signs
         assert rows[label]["sign_positive_lesion"] == 0 and rows[label]["sign_negative_healthy"] == 1
-        assert rows[label]["sign_consistency"] == 0.5
+        assert rows[label]["sign_consistency"] == 0.25  # the predicted class's map would give 0.75
         assert math.isnan(rows[label]["deletion_audc"])  # no lesion image is classified correctly
 
 
@@ -134,6 +136,32 @@ def test_ceiling_and_chance_rows_for_every_map_resolution(tmp_path):
     assert {r["method"] for r in curves} == set(rows) and {r["delta"] for r in curves} == {"0.3", "0.5", "0.7"}
     markdown = (folder / "comparison.md").read_text()
     assert "| *ideal map at 4x4* |" in markdown and (folder / "box_accuracy.png").is_file()
+
+
+def test_the_comparison_runs_in_3d_with_the_same_columns(tmp_path):
+    network = {**NET, "spatial_dims": 3}
+    labels = torch.tensor([0, 1, 1, 0])
+    images = torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(4, 16, 16, 16, dtype=torch.bool)
+    masks[labels == 1, 4:8, 8:12, 8:12] = True
+    torch.manual_seed(0)
+    models = {"SoftCAM": (classifier(head="softcam", **network).eval(), "softcam", False),
+              "black box": (classifier(head="linear", **network).eval(), "linear", False)}
+    contenders = [Contender("raw", "SoftCAM", "softcam"), Contender("contrast", "SoftCAM", "softcam", "contrast"),
+                  Contender("grad", "black box", "gradcam")]
+    rows, comparison = compare(tmp_path, models, contenders, ComparisonSet(images, labels, masks), network,
+                               deletion_patch=8, deletion_fraction=0.5, randomisation_images=2)
+    assert set(rows) == {"raw", "contrast", "grad", "ideal map at 2x2x2", "random map at 2x2x2"}
+    for name in ("raw", "contrast", "grad"):
+        row = rows[name]
+        assert row["raw_map_shape"] == "2x2x2"
+        for column in ("auc", "average_drop", "activation_precision", "pxap", "max_box_acc_v2", "gt_loc",
+                       "sign_consistency", "randomisation_correlation"):
+            assert not math.isnan(row[column]), (name, column)
+    # two cells a side: the upsampled ideal map peaks at the volume's corner of the lesion's cell, off the lesion
+    assert rows["ideal map at 2x2x2"]["pointing_game"] == 0
+    assert rows["ideal map at 2x2x2"]["activation_precision"] > rows["random map at 2x2x2"]["activation_precision"]
+    assert (comparison.output_dir / "method_grid.png").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -380,7 +380,7 @@ def test_box_metrics_rectify_signed_maps_so_zero_evidence_is_background():
     assert torch.equal(result.best_iou, max_box_accuracy(maps.clamp(min=0), mask).best_iou)
 
 
-def test_pxap_and_average_drop_read_only_the_positive_evidence():
+def test_pxap_and_activation_precision_read_only_the_positive_evidence():
     mask = box_mask(2, (0, 0), (3, 3))  # 16 of 256 pixels
     maps = -torch.ones(1, 16, 16)
     maps[0, 0:2, 0:4] = 1.0  # half the lesion has positive evidence

@@ -2,9 +2,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from torch import nn
+from torch.nn import functional as F
 
 from bundle.explain.methods import EXPLAINERS, Explanation, make_explainer
+from bundle.explain.targets import TARGETS, BranchLogit, ContrastLogit, HeadLogit
 from bundle.networks import classifier
+from bundle.networks.classifier import class_evidence
 from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
 from bundle.visualize import upsample
 
@@ -179,12 +182,12 @@ def test_branch_cams_weight_the_features_by_the_branchs_clamped_weights(spatial_
     assert (w < 0).any() and (w > 0).any()
     spatial = (...,) + (None,) * spatial_dims
     expected = torch.relu((w.clamp_min(0)[spatial] * features).sum(1, keepdim=True))  # M = ReLU(sum_d max(w_d, 0) F_d)
-    cam = make_explainer("cam", model, branch=True)(x)
+    cam = make_explainer("cam", model, target="branch")(x)
     assert torch.equal(cam.targets, predicted)  # k* is the frozen softmax head's arg-max
     assert torch.allclose(cam.raw, expected, atol=1e-5)
     # gradients of the branch logit z_k* are w / n everywhere: Grad-CAM, XGrad-CAM and LayerCAM are CAM / n
     for name in ("gradcam", "xgradcam", "layercam"):
-        assert torch.allclose(make_explainer(name, model, branch=True)(x).raw * n, expected, atol=1e-5), name
+        assert torch.allclose(make_explainer(name, model, target="branch")(x).raw * n, expected, atol=1e-5), name
     softmax_head_cam = make_explainer("cam", model)(x).raw
     assert not torch.allclose(softmax_head_cam, cam.raw, atol=1e-3)
 
@@ -198,11 +201,11 @@ def test_only_the_branchs_positive_weights_count(name):
     d0 = int(features.flatten(2).amin(2).sum(0).argmax())  # a channel active everywhere
     with torch.no_grad():
         model.branch.fc.weight[1] = -1.0  # every weight of the class negative: nothing is left after the clamp
-    assert make_explainer(name, model, branch=True)(x, targets).raw.abs().max() == 0
+    assert make_explainer(name, model, target="branch")(x, targets).raw.abs().max() == 0
     assert make_explainer("cam", model)(x, targets).raw.abs().max() > 0  # the softmax head's CAM is not empty
     with torch.no_grad():
         model.branch.fc.weight[1, d0] = 0.5  # one positive weight among large negative ones
-    raw = make_explainer(name, model, branch=True)(x, targets).raw
+    raw = make_explainer(name, model, target="branch")(x, targets).raw
     # M = ReLU(sum_d max(w_d, 0) F_d) is that channel's map (a ReLU of the unclamped sum would be all zero)
     assert (raw > 0).all()
     scale = raw.flatten(1).sum(1) / features[:, d0].flatten(1).sum(1)
@@ -220,16 +223,108 @@ def test_branch_score_cam_scores_masked_inputs_by_the_branch_logit():
     with torch.no_grad():
         model.branch.fc.weight[2] = 0.0
     features = features_of(model, x)
-    branch = make_explainer("scorecam", model, branch=True, batch_size=16)(x, targets).raw
+    branch = make_explainer("scorecam", model, target="branch", batch_size=16)(x, targets).raw
     assert torch.allclose(branch, features.mean(1, keepdim=True), atol=1e-6)
     assert not torch.allclose(make_explainer("scorecam", model)(x, targets).raw, branch, atol=1e-4)
+
+
+def test_branch_score_cam_follows_the_dual_branch_reference():
+    # Oh & Noh's score_cam.py: w = softmax_d(max(z_k(x * A_d), 0)), no baseline subtracted; worked out here by hand
+    model = dual("linear")
+    x = images(n=2)
+    targets = torch.tensor([1, 0])
+    features = features_of(model, x)
+    low, high = features.flatten(2).amin(2)[..., None, None], features.flatten(2).amax(2)[..., None, None]
+    masks = F.interpolate((features - low) / (high - low + 1e-8), size=x.shape[2:], mode="bilinear", align_corners=False)
+
+    def masked_scores():  # (B, D): branch logit of the explained class on the input masked by each channel
+        with torch.no_grad():
+            return torch.stack([model(x[i] * masks[i, :, None], branch=True)[:, k] for i, k in enumerate(targets.tolist())])
+
+    with torch.no_grad():  # shift the branch biases so that about half of the masked scores are negative
+        model.branch.fc.bias[targets] -= masked_scores().median(1).values
+    scores = masked_scores()
+    assert (scores < 0).any() and (scores > 0).any()
+    weights = torch.softmax(scores.clamp(min=0), dim=1)
+    expected = torch.relu((weights[..., None, None] * features).sum(1, keepdim=True))
+    raw = make_explainer("scorecam", model, target="branch", batch_size=16)(x, targets).raw
+    assert torch.allclose(raw, expected, rtol=1e-4, atol=1e-6)
+    # torchcam's own rule, softmax_d(z_k(x * A_d) - z_k(x)), gives another map on the same model
+    with torch.no_grad():
+        baseline = model(x, branch=True)[torch.arange(2), targets]
+    torchcam_rule = torch.relu((torch.softmax(scores - baseline[:, None], 1)[..., None, None] * features).sum(1, keepdim=True))
+    assert not torch.allclose(torchcam_rule, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_class_evidence_gives_raw_maps_or_the_contrast_of_each_class_with_the_others():
+    maps = torch.tensor([1.0, 4.0, -2.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    assert class_evidence(maps, "raw") is maps
+    contrast = class_evidence(maps, "contrast")
+    # E_k - mean of the other two: 1 - (4 - 2)/2, 4 - (1 - 2)/2, -2 - (1 + 4)/2
+    assert contrast[0, :, 0, 0].tolist() == pytest.approx([0.0, 4.5, -4.5])
+    two = torch.randn(3, 2, 4, 4, 4)  # 3D, two classes: E_1 - E_0 and its negative
+    assert torch.allclose(class_evidence(two, "contrast")[:, 1], two[:, 1] - two[:, 0], atol=1e-6)
+    assert torch.allclose(class_evidence(two, "contrast")[:, 0], two[:, 0] - two[:, 1], atol=1e-6)
+    logits = torch.tensor([[0.5, 2.0]])
+    assert class_evidence(logits, "contrast")[0].tolist() == pytest.approx([-1.5, 1.5])  # works on logits (B, C) too
+    # adding one map to every class's evidence changes no logit difference, and no contrast map
+    shifted = maps + torch.randn(2, 1, 2, 2)
+    assert torch.allclose(class_evidence(shifted, "contrast"), contrast, atol=1e-6)
+    with pytest.raises(ValueError, match="raw"):
+        class_evidence(maps, "difference")
+    with pytest.raises(ValueError, match="two classes"):
+        class_evidence(maps[:, :1], "contrast")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_softcam_contrast_target_explains_the_contrast_map_whose_mean_is_the_contrast_logit(spatial_dims):
+    model = tiny("softcam", spatial_dims)
+    x = images(spatial_dims)
+    targets = torch.tensor([0, 1, 2])
+    explanation = make_explainer("softcam", model, target="contrast")(x, targets)
+    with torch.no_grad():
+        logits, maps = model.forward_with_maps(x)
+    others = (maps.sum(1) - maps[torch.arange(3), targets]) / 2
+    assert torch.allclose(explanation.raw[:, 0], maps[torch.arange(3), targets] - others, atol=1e-5)
+    contrast_logits = logits[torch.arange(3), targets] - (logits.sum(1) - logits[torch.arange(3), targets]) / 2
+    assert torch.allclose(explanation.raw.flatten(1).mean(1), contrast_logits, atol=1e-5)
+    raw = make_explainer("softcam", model)(x, targets).raw
+    assert not torch.allclose(raw, explanation.raw, atol=1e-3)
+
+
+@pytest.mark.parametrize("head", ["linear", "softcam"])
+def test_gradcam_of_the_contrast_target_weights_channels_by_the_contrasted_class_weights(head):
+    # d(z_k - mean_{j != k} z_j)/dF_d = (w_kd - mean_{j != k} w_jd) / n at every location
+    model = tiny(head)
+    x = images()
+    targets = torch.tensor([2, 0, 1])
+    features = features_of(model, x)
+    n = features[0, 0].numel()
+    weight = (model.head.fc if head == "linear" else model.head.class_evidence_layer).weight.detach().reshape(3, -1)
+    contrasted = class_evidence(weight.T, "contrast").T[targets] / n  # contrast over the class axis of (D, C)
+    expected = torch.relu((contrasted[..., None, None] * features).sum(1, keepdim=True))
+    assert torch.allclose(make_explainer("gradcam", model, target="contrast")(x, targets).raw, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="contrast"):
+        make_explainer("cam", model, target="contrast")
+
+
+def test_explainers_and_targets_say_who_they_are():
+    assert {name: (cls.title, cls.family) for name, cls in EXPLAINERS.items()} == {
+        "softcam": ("SoftCAM", "self-explaining"), "cam": ("CAM", "cam"), "gradcam": ("Grad-CAM", "cam"),
+        "gradcampp": ("Grad-CAM++", "cam"), "xgradcam": ("XGrad-CAM", "cam"), "layercam": ("LayerCAM", "cam"),
+        "scorecam": ("Score-CAM", "cam"), "integrated_gradients": ("Integrated Gradients", "gradient"),
+        "guided_backprop": ("Guided Backprop", "gradient")}
+    assert TARGETS == {"logit": HeadLogit(), "branch": BranchLogit(), "contrast": ContrastLogit()}
+    model = dual("softcam")
+    assert make_explainer("softcam", model, target="branch").target == BranchLogit()
+    assert BranchLogit().explaining_head(model) is model.branch and ContrastLogit().explaining_head(model) is model.head
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_softcam_branch_gives_the_sigmoid_evidence_maps(spatial_dims):
     model = dual("softcam", spatial_dims)
     x = images(spatial_dims)
-    explanation = make_explainer("softcam", model, branch=True)(x)
+    explanation = make_explainer("softcam", model, target="branch")(x)
     with torch.no_grad():
         logits, branch_logits = model.forward_with_branch(x)
         branch_maps = model.branch.class_maps(model.features(x))
@@ -242,10 +337,12 @@ def test_softcam_branch_gives_the_sigmoid_evidence_maps(spatial_dims):
 def test_unknown_methods_and_misused_options_are_clear_errors():
     with pytest.raises(ValueError, match="unknown explanation method"):
         make_explainer("occlusion", tiny("linear"))
+    with pytest.raises(ValueError, match="unknown explanation target"):
+        make_explainer("gradcam", tiny("linear"), target="sigmoid")
     with pytest.raises(TypeError, match="SigmoidBranchClassifier"):
-        make_explainer("gradcam", tiny("linear"), branch=True)
+        make_explainer("gradcam", tiny("linear"), target="branch")
     with pytest.raises(ValueError, match="no sigmoid-branch variant"):
-        make_explainer("integrated_gradients", dual(), branch=True)
+        make_explainer("integrated_gradients", dual(), target="branch")
     with pytest.raises(ValueError, match="one class per image"):
         make_explainer("cam", tiny("linear"))(images(), [0, 1])
     with pytest.raises(ValueError, match=">= 0"):

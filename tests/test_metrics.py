@@ -5,36 +5,50 @@ import math
 import pytest
 import torch
 
-from bundle.explain.localisation import (
-    activation_precision,
-    activation_sensitivity,
-    component_boxes,
+from bundle.explain.boxes import (
+    _propagate_labels,
+    find_components,
     gt_localisation,
     label_components,
     mask_boxes,
     max_box_accuracy,
+    threshold_grid,
+    top1_localisation,
+)
+from bundle.explain.faithfulness import (
+    confidence_change,
+    count_patches,
+    deletion_curve,
+    insertion_curve,
+    layers_from_output,
+    parameter_randomisation_correlation,
+    random_patch_maps,
+    randomise_modules,
+)
+from bundle.explain.localisation import (
+    activation_precision,
+    activation_sensitivity,
+    ideal_maps,
     pointing_game,
     pxap,
     pxap_dataset,
-    top1_localisation,
+    random_maps,
     top_k_localisation_precision,
 )
 from bundle.explain.metrics import (
     accuracy,
     balanced_accuracy,
     cohen_kappa,
-    confidence_change,
-    deletion_curve,
+    disease_classes,
     evidence_sign_consistency,
-    insertion_curve,
     minmax_scale,
-    parameter_randomisation_correlation,
-    parameterised_modules,
-    randomise_top_layers,
     roc_auc,
+    saliency,
     spearman_correlation,
 )
 from bundle.networks.classifier import classifier
+from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
+from bundle.visualize import upsample
 
 SHAPES = {2: (16, 16), 3: (8, 8, 8)}
 
@@ -105,13 +119,17 @@ def test_minmax_scale_maps_each_map_to_unit_range_and_constant_maps_to_zero():
     scaled = minmax_scale(maps)
     assert torch.equal(scaled[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.equal(scaled[1], torch.zeros(2, 2))
+    rectified = saliency(maps)  # ReLU first: the negative value and zero both become 0
+    assert torch.equal(rectified[0], torch.tensor([[0.0, 0.0], [1 / 3, 1.0]]))
+    assert torch.equal(saliency(-maps[1:]), torch.zeros(1, 2, 2))  # no positive evidence: points nowhere
 
 
 def count_components(labels: torch.Tensor) -> list[int]:
     return [len(image[image > 0].unique()) for image in labels]
 
 
-def test_label_components_2d_joins_diagonal_neighbours():
+@pytest.mark.parametrize("label", [label_components, _propagate_labels])
+def test_label_components_2d_joins_diagonal_neighbours(label):
     image = torch.tensor(
         [
             [1, 0, 0, 0, 0, 0],
@@ -122,39 +140,58 @@ def test_label_components_2d_joins_diagonal_neighbours():
         ],
         dtype=torch.bool,
     )
-    labels = label_components(torch.stack([image, torch.zeros_like(image), torch.ones_like(image)]))
+    labels = label(torch.stack([image, torch.zeros_like(image), torch.ones_like(image)]))
     assert count_components(labels) == [4, 0, 1]
     assert labels[0, 0, 0] == labels[0, 1, 1]  # touching only at a corner
     assert labels[0, 1, 4] == labels[0, 1, 5] == labels[0, 2, 4]
     assert labels[0, 0, 0] != labels[0, 4, 0]
-    boxes, sizes = component_boxes(labels[:1])
-    found = {(tuple(box.tolist()), int(size)) for box, size in zip(boxes[0], sizes[0])}
-    assert found == {((0, 0, 1, 1), 2), ((1, 4, 2, 5), 3), ((4, 0, 4, 1), 2), ((4, 5, 4, 5), 1)}
+    components = find_components(torch.stack([image, torch.zeros_like(image), torch.ones_like(image)]))
+    assert components.image.tolist() == [0, 0, 0, 0, 2]  # ordered by image, then by first voxel
+    found = [(tuple(box.tolist()), int(size)) for box, size in zip(components.boxes, components.sizes)]
+    assert found == [((0, 0, 1, 1), 2), ((1, 4, 2, 5), 3), ((4, 0, 4, 1), 2), ((4, 5, 4, 5), 1), ((0, 0, 4, 5), 30)]
 
 
-def test_label_components_follows_a_long_winding_path():
+@pytest.mark.parametrize("label", [label_components, _propagate_labels])
+def test_label_components_follows_a_long_winding_path(label):
     path = torch.zeros(15, 15, dtype=torch.bool)
     path[::2] = True  # rows 0, 2, ..., 14, joined alternately at the right and left ends: one 127-pixel path
     for row in range(1, 15, 2):
         path[row, 14 if row % 4 == 1 else 0] = True
     cut = path.clone()
     cut[7, 0] = False  # break it in the middle: two components
-    labels = label_components(torch.stack([path, cut]))
+    labels = label(torch.stack([path, cut]))
     assert count_components(labels) == [1, 2]
     assert (labels[0][path] == labels[0, 0, 0]).all()
 
 
-def test_label_components_3d_joins_corner_neighbours_and_boxes_are_cuboids():
+@pytest.mark.parametrize("label", [label_components, _propagate_labels])
+def test_label_components_3d_joins_corner_neighbours_and_boxes_are_cuboids(label):
     volume = torch.zeros(1, 5, 5, 5, dtype=torch.bool)
     volume[0, 0, 0, 0] = volume[0, 1, 1, 1] = True  # touch at a corner only: one component
     volume[0, 3, 0, 0:2] = True
     volume[0, 4, 4, 4] = True
-    labels = label_components(volume)
+    labels = label(volume)
     assert count_components(labels) == [3]
     assert labels[0, 0, 0, 0] == labels[0, 1, 1, 1]
     boxes, valid = mask_boxes(volume)
     found = {tuple(box.tolist()) for box, ok in zip(boxes[0], valid[0]) if ok}
     assert found == {(0, 0, 0, 1, 1, 1), (3, 0, 0, 3, 0, 1), (4, 4, 4, 4, 4, 4)}
+
+
+def canonical(labels: torch.Tensor) -> torch.Tensor:
+    """Each voxel labelled by the first (raster-order) voxel of its component, -1 on the background."""
+    flat = labels.flatten(1)
+    index = torch.arange(flat.shape[1]).expand_as(flat)
+    first = torch.full((len(flat), flat.shape[1] + 1), flat.shape[1]).scatter_reduce(1, flat, index, "amin")
+    return torch.where(flat > 0, first.gather(1, flat), -1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scipy_and_torch_labelling_agree_on_random_images(dims):
+    foreground = torch.rand(4, *[12] * dims, generator=torch.Generator().manual_seed(dims)) > 0.55
+    scipy_labels, torch_labels = label_components(foreground), _propagate_labels(foreground)
+    assert torch.equal(canonical(scipy_labels), canonical(torch_labels))
+    assert 1 <= scipy_labels[foreground].min() and scipy_labels.flatten(1).amax(1).max() <= 12**dims
 
 
 # --- localisation against masks ------------------------------------------------------------------
@@ -169,7 +206,11 @@ def test_a_map_equal_to_the_mask_scores_perfectly(dims):
     assert pxap(maps, mask).item() == pytest.approx(1)
     assert pxap_dataset(maps, mask).item() == pytest.approx(1)
     assert pointing_game(maps, mask).item() == 1
-    assert top_k_localisation_precision(maps, mask, k=1, patch_size=3).item() == 1
+    # a one-lesion image smaller than the patch spacing: only picks above the threshold count, so
+    # k = 3 does not cap the precision at 1/3 (two more picks would land on the empty background)
+    assert top_k_localisation_precision(maps, mask, k=3, patch_size=3).precision.item() == 1
+    small = box_mask(dims, (3,) * dims, (4,) * dims)
+    assert top_k_localisation_precision(small.float(), small, k=3, patch_size=5).precision.item() == 1
     assert max_box_accuracy(maps, mask).max_box_acc.item() == 1
     assert gt_localisation(maps, mask).item() == 1
 
@@ -242,23 +283,46 @@ def test_pointing_game_breaks_ties_at_the_first_pixel_and_honours_the_tolerance(
     assert pointing_game(volume, box_mask(3, (1, 2, 4), (1, 2, 4)), tolerance=1).item() == 1
 
 
-def test_top_k_precision_counts_patches_touching_the_mask():
-    maps = torch.zeros(1, 16, 16)
+def test_top_k_precision_counts_patches_touching_the_mask_pooled_over_picks():
+    maps = torch.zeros(2, 16, 16)
     maps[0, 2, 2], maps[0, 8, 8], maps[0, 13, 13] = 3.0, 2.0, 1.0
+    maps[1, 9, 9] = 5.0
     mask = box_mask(2, (0, 0), (1, 1)) | box_mask(2, (14, 14), (15, 15))
-    # 3x3 patches around the peaks: (1..3, 1..3) touches (0..1, 0..1); (7..9, 7..9) misses;
-    # (12..14, 12..14) touches (14..15, 14..15)
-    assert top_k_localisation_precision(maps, mask, k=3, patch_size=3).item() == pytest.approx(2 / 3)
-    assert top_k_localisation_precision(maps, mask, k=1, patch_size=1).item() == 0  # (2, 2) alone misses
+    masks = torch.cat([mask, mask])
+    # image 0: 3x3 patches around the peaks: (1..3, 1..3) touches (0..1, 0..1); (7..9, 7..9) misses;
+    # (12..14, 12..14) touches (14..15, 14..15); image 1: one pick above 0, (8..10, 8..10), misses
+    result = top_k_localisation_precision(maps, masks, k=3, patch_size=3)
+    assert result.hits.tolist() == [2, 0] and result.picks.tolist() == [3, 1]
+    assert result.precision.item() == pytest.approx(2 / 4)  # pooled over the 4 picks, not the mean of 2/3 and 0
+    single = top_k_localisation_precision(maps, masks, k=1, patch_size=1)  # (2, 2) alone misses
+    assert single.hits.tolist() == [0, 0] and single.picks.tolist() == [1, 1]
+    assert top_k_localisation_precision(maps, masks, k=3, patch_size=3, threshold=1.5).picks.tolist() == [2, 1]
 
 
-def test_top_k_precision_suppresses_neighbours_on_a_plateau():
+def test_top_k_precision_picks_only_evidence_above_the_threshold_and_suppresses_neighbours():
     mask = box_mask(2, (0, 0), (3, 3))
-    maps = mask.float()  # one flat blob: every pixel of it is a local maximum
-    # far-apart picks: the blob once, then a pixel of the flat background
-    assert top_k_localisation_precision(maps, mask, k=2, patch_size=1, min_distance=8).item() == pytest.approx(1 / 2)
-    # no suppression beyond the pick itself: both picks land on the blob
-    assert top_k_localisation_precision(maps, mask, k=2, patch_size=1, min_distance=1).item() == 1
+    maps = mask.float() - 0.5 * (~mask).float()  # +1 on the lesion, negative evidence elsewhere
+    maps[0, 12, 12] = -0.2  # a local peak of the negative background
+    # one flat blob: its first pixel is picked, the rest of it lies within 4 pixels of a pixel visited
+    # before it and is suppressed; the negative background is never picked however large k is
+    far = top_k_localisation_precision(maps, mask, k=5, patch_size=1, min_distance=4)
+    assert far.picks.tolist() == [1] and far.precision.item() == 1
+    near = top_k_localisation_precision(maps, mask, k=5, patch_size=1, min_distance=1)  # no suppression
+    assert near.picks.tolist() == [5] and near.precision.item() == 1
+    # with every value allowed, the background's peak is picked as well (its plateau is suppressed from
+    # the lesion on, as the reference suppresses around every visited pixel, picked or not)
+    everything = top_k_localisation_precision(maps, mask, k=5, patch_size=1, min_distance=4, threshold=-math.inf)
+    assert everything.picks.tolist() == [2] and everything.hits.tolist() == [1]
+    healthy = top_k_localisation_precision(maps, torch.zeros_like(mask), k=3, patch_size=1)
+    assert math.isnan(healthy.picks.item()) and math.isnan(healthy.precision.item())  # nothing to localise
+
+
+def test_top_k_precision_in_3d_counts_cuboid_patches():
+    mask = box_mask(3, (0, 0, 0), (1, 1, 1))
+    maps = torch.zeros(1, 8, 8, 8)
+    maps[0, 2, 2, 2], maps[0, 6, 6, 6] = 2.0, 1.0  # a 3^3 patch around (2, 2, 2) reaches (1, 1, 1); (6, 6, 6)'s does not
+    result = top_k_localisation_precision(maps, mask, k=2, patch_size=3)
+    assert result.hits.tolist() == [1] and result.picks.tolist() == [2]
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -297,6 +361,48 @@ def test_gt_loc_takes_the_largest_component_and_top1_needs_the_right_class():
     assert top1_localisation(maps, masks, torch.tensor([0, 1]), labels).tolist() == [0, 0]
 
 
+def signed_lesion_map() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16 x 16 map: +1 on a 4 x 4 lesion, 0 (no evidence) on a 6 x 6 region touching it, -1 elsewhere."""
+    mask = box_mask(2, (2, 2), (5, 5))
+    maps = -torch.ones(1, 16, 16)
+    maps[0, 2:6, 6:12] = 0.0
+    maps[mask] = 1.0
+    return maps, mask
+
+
+def test_box_metrics_rectify_signed_maps_so_zero_evidence_is_background():
+    maps, mask = signed_lesion_map()
+    # min-max of the signed map would put the zero region at 0.5: at tau 0.2 it joins the lesion (IoU 16 / 40)
+    assert gt_localisation(maps, mask).item() == 1
+    assert top1_localisation(maps, mask, torch.tensor([1]), torch.tensor([1])).item() == 1
+    result = max_box_accuracy(maps, mask)
+    assert result.best_iou[0, 1:].tolist() == pytest.approx([1.0] * 99)  # every tau > 0 isolates the lesion
+    assert torch.equal(result.best_iou, max_box_accuracy(maps.clamp(min=0), mask).best_iou)
+
+
+def test_pxap_and_activation_precision_read_only_the_positive_evidence():
+    mask = box_mask(2, (0, 0), (3, 3))  # 16 of 256 pixels
+    maps = -torch.ones(1, 16, 16)
+    maps[0, 0:2, 0:4] = 1.0  # half the lesion has positive evidence
+    maps[0, 2:4, 0:4] = -0.5  # the other half negative: no evidence for the lesion, ranked with the background
+    # positive half alone: precision 1 at recall 1/2; then every pixel: precision 16 / 256 at recall 1
+    assert pxap(maps, mask).item() == pytest.approx(0.5 + 0.5 * 16 / 256)
+    assert pxap_dataset(maps, mask).item() == pytest.approx(0.5 + 0.5 * 16 / 256)
+    assert activation_precision(maps, mask).item() == 1
+
+
+def test_box_accuracy_reads_tau_in_steps_of_a_hundredth():
+    mask = box_mask(2, (2, 2), (5, 5))
+    maps = mask.float()
+    maps[0, 2:6, 6:12] = 0.97  # only 0.97 < tau <= 1 isolates the lesion: 0.98 and 0.99 of the default grid
+    assert threshold_grid(100)[1].item() == pytest.approx(0.01)
+    result = max_box_accuracy(maps, mask)
+    assert len(result.thresholds) == 100 and result.max_box_acc.item() == 1
+    assert result.box_accuracy[1].tolist() == [0.0] * 98 + [1.0] * 2  # delta 0.5 (IoU 16 / 40 below tau 0.98)
+    assert torch.equal(result.largest_box_accuracy, result.box_accuracy)  # one component at every tau
+    assert max_box_accuracy(maps, mask, thresholds=20).max_box_acc.item() < 1  # steps of 0.05 miss it
+
+
 # --- faithfulness to the model -------------------------------------------------------------------
 
 
@@ -310,7 +416,8 @@ def summed_logit_model(images: torch.Tensor) -> torch.Tensor:
 def test_average_drop_and_increase_in_confidence_by_hand(dims):
     spatial = (2, 2, 1)[:dims]
     images = torch.ones(2, 1, *spatial)
-    maps = torch.tensor([0.0, 1.0, 1.0, 3.0]).view(1, *spatial).repeat(2, *[1] * dims)  # min-max (0, 1/3, 1/3, 1): sum 5/3
+    # ReLU then min-max: (0, 1/3, 1/3, 1), sum 5/3 (min-max of the signed map would give (0, 1/2, 1/2, 1))
+    maps = torch.tensor([-3.0, 1.0, 1.0, 3.0]).view(1, *spatial).repeat(2, *[1] * dims)
     targets = torch.tensor([1, 0])
     result = confidence_change(summed_logit_model, images, maps, targets)
     y1, o1 = sigmoid(2), sigmoid(5 / 3 - 2)  # class 1 loses confidence
@@ -335,11 +442,39 @@ def test_deleting_the_informative_patch_first_gives_the_lower_audc():
     last = 1 - first  # ranks it last (the three others tie and keep raster order)
     curve = deletion_curve(corner_patch_model, images, torch.stack([first, last]), targets, patch_size=4, chunk_size=3)
     ratio = sigmoid(-2) / sigmoid(2)
-    assert curve.fractions.tolist() == [0, 0.25, 0.5, 0.75, 1]
+    assert curve.counts.tolist() == [0, 1, 2, 3, 4] and curve.fractions.tolist() == [0, 0.25, 0.5, 0.75, 1]
     assert curve.scores[0].tolist() == pytest.approx([1, ratio, ratio, ratio, ratio])
     assert curve.scores[1].tolist() == pytest.approx([1, 1, 1, 1, ratio])
     assert curve.area.tolist() == pytest.approx([0.25 * (0.5 + 3.5 * ratio), 0.25 * (3.5 + 0.5 * ratio)])
     assert curve.area[0] < curve.area[1]
+
+
+def test_deletion_removes_the_first_patches_one_at_a_time_over_a_unit_axis():
+    # 16 patches of 2 x 2; only the first num_patches = 3 are deleted, one per step; x is step / 3
+    images, targets = torch.ones(1, 1, 8, 8), torch.tensor([1])
+    maps = torch.arange(64.0).view(1, 8, 8).flip(1)  # rows from the bottom: the bottom-right patch first
+    curve = deletion_curve(area_model, images, maps, targets, patch_size=2, num_patches=3)
+    assert curve.counts.tolist() == [0, 1, 2, 3] and curve.fractions.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    # p' = 0.9 * (1 - n / 16) + 0.05 after n patches of 16
+    expected = [(0.95 - 0.9 * n / 16) / 0.95 for n in range(4)]
+    assert curve.scores[0].tolist() == pytest.approx(expected)
+    assert curve.area.item() == pytest.approx((expected[0] + 2 * expected[1] + 2 * expected[2] + expected[3]) / 6)
+    assert count_patches((8, 8), 2) == 16 and count_patches((9, 8, 8), 4) == 3 * 2 * 2
+    with pytest.raises(ValueError, match="at least 1"):
+        deletion_curve(area_model, images, maps, targets, patch_size=2, num_patches=0)
+
+
+def test_random_patch_maps_give_a_seeded_random_order_constant_on_each_patch():
+    maps = random_patch_maps((2, 9, 8), patch_size=4, seed=3)  # 3 x 2 patches, the last row of patches 1 pixel high
+    assert maps.shape == (2, 9, 8)
+    assert torch.equal(maps, random_patch_maps((2, 9, 8), patch_size=4, seed=3))
+    assert not torch.equal(maps, random_patch_maps((2, 9, 8), patch_size=4, seed=4))
+    assert not torch.equal(maps[0], maps[1])  # each image its own order
+    for patch in (maps[:, :4, :4], maps[:, 4:8, 4:], maps[:, 8:, :4]):
+        assert (patch == patch.flatten(1)[:, :1, None]).all()  # one value per patch
+    assert len(maps[0].unique()) == 6
+    volume = random_patch_maps((1, 4, 4, 4), patch_size=2, seed=0)
+    assert len(volume.unique()) == 8 and (volume[0, :2, :2, :2] == volume[0, 0, 0, 0]).all()
 
 
 def area_model(images: torch.Tensor) -> torch.Tensor:
@@ -351,15 +486,14 @@ def area_model(images: torch.Tensor) -> torch.Tensor:
 def test_deletion_and_insertion_areas_of_a_linear_curve(dims):
     images = torch.ones(2, 1, *[4] * dims)
     maps, targets = torch.randn(2, *[4] * dims), torch.tensor([1, 1])
-    # deletion: p'/p = (0.95 - 0.9 f) / 0.95, area (0.95 - 0.45) / 0.95;
+    # every patch deleted: p'/p = (0.95 - 0.9 f) / 0.95, area (0.95 - 0.45) / 0.95;
     # insertion: p'/p = (0.05 + 0.9 f) / 0.95, area (0.05 + 0.45) / 0.95
-    for num_steps in (None, 4):
-        deletion = deletion_curve(area_model, images, maps, targets, patch_size=2, num_steps=num_steps)
-        insertion = insertion_curve(area_model, images, maps, targets, patch_size=2, num_steps=num_steps)
-        assert deletion.area.tolist() == pytest.approx([0.5 / 0.95] * 2)
-        assert insertion.area.tolist() == pytest.approx([0.5 / 0.95] * 2)
-        assert insertion.scores[:, 0].tolist() == pytest.approx([0.05 / 0.95] * 2)
-    assert len(deletion.fractions) == 5  # num_steps=4 of 2^dims patches
+    deletion = deletion_curve(area_model, images, maps, targets, patch_size=2)
+    insertion = insertion_curve(area_model, images, maps, targets, patch_size=2)
+    assert deletion.area.tolist() == pytest.approx([0.5 / 0.95] * 2)
+    assert insertion.area.tolist() == pytest.approx([0.5 / 0.95] * 2)
+    assert insertion.scores[:, 0].tolist() == pytest.approx([0.05 / 0.95] * 2)
+    assert len(deletion.fractions) == 2**dims + 1
 
 
 # --- sanity check and sign consistency -----------------------------------------------------------
@@ -384,23 +518,41 @@ def test_parameter_randomisation_decorrelates_gradients_but_not_model_free_maps(
     model = classifier("resnet10", spatial_dims=2, num_classes=2, backbone_kwargs={"widen_factor": 0.25}).eval()
     images, targets = torch.randn(3, 1, 32, 32), torch.tensor([0, 1, 1])
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    layers = len(parameterised_modules(model))
-    correlation = parameter_randomisation_correlation(model, input_gradient, images, targets, num_layers=layers, seed=1)
+    everything = layers_from_output(model, model.features, model.head, num_layers=24)  # every conv and BatchNorm of ResNet-10
+    correlation = parameter_randomisation_correlation(model, input_gradient, images, targets, everything, seed=1)
     assert (correlation < 0.5).all()
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())  # original untouched
-    unchanged = parameter_randomisation_correlation(model, lambda m, x, t: x[:, 0] ** 2, images, targets, num_layers=layers)
+    unchanged = parameter_randomisation_correlation(model, lambda m, x, t: x[:, 0] ** 2, images, targets, everything)
     assert unchanged.tolist() == pytest.approx([1.0] * 3)
 
 
-def test_randomise_top_layers_changes_only_the_last_modules():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1))
-    copy = randomise_top_layers(model, 2, seed=0)
-    assert torch.equal(copy[0].weight, model[0].weight)
-    assert not torch.equal(copy[2].weight, model[2].weight) and not torch.equal(copy[3].weight, model[3].weight)
-    assert torch.equal(randomise_top_layers(model, 2, seed=0)[3].weight, copy[3].weight)  # seeded: reproducible
-    with pytest.raises(ValueError):
-        randomise_top_layers(model, 4)
+TINY = {"backbone": "resnet10", "num_classes": 2, "backbone_kwargs": {"widen_factor": 0.125}}
+
+
+def test_every_classifier_randomises_the_same_backbone_layers_and_its_explaining_head():
+    black_box, softcam = classifier(head="linear", **TINY), classifier(head="softcam", **TINY)
+    models = {"black box": (black_box, "head"), "SoftCAM": (softcam, "head"),
+              "black box + dual branch": (SigmoidBranchClassifier.from_classifier(black_box), "branch"),
+              "SoftCAM + sigmoid branch": (SigmoidBranchClassifier.from_classifier(softcam), "branch")}
+    chosen = {name: layers_from_output(model, model.features, getattr(model, head), 3) for name, (model, head) in models.items()}
+    expected_backbone = ["features.net.layer4.0.bn2", "features.net.layer4.0.downsample.0", "features.net.layer4.0.downsample.1"]
+    for name, (model, head) in models.items():
+        assert chosen[name] == expected_backbone + [head], name  # the same backbone layers, whatever the head
+    dual = models["black box + dual branch"][0]
+    with torch.no_grad():  # trained-looking values everywhere, so that a re-initialised module shows
+        for value in dual.state_dict().values():
+            if value.is_floating_point():
+                value.uniform_(0.5, 1.5)
+    randomised = randomise_modules(dual, chosen["black box + dual branch"], seed=0)
+    changed = {key for key, value in dual.state_dict().items() if not torch.equal(value, randomised.state_dict()[key])}
+    # the three backbone modules (their weights, biases, BatchNorm statistics) and the branch; not the softmax head
+    assert {key.rsplit(".", 1)[0] for key in changed} == {*expected_backbone, "branch.fc"}
+    again = randomise_modules(dual, chosen["black box + dual branch"], seed=0)  # seeded: reproducible
+    assert torch.equal(again.branch.fc.weight, randomised.branch.fc.weight)
+    with pytest.raises(ValueError, match="num_layers"):
+        layers_from_output(softcam, softcam.features, softcam.head, 10_000)
+    with pytest.raises(ValueError, match="no modules named"):
+        randomise_modules(softcam, ["features.net.layer9"])
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -411,3 +563,28 @@ def test_evidence_sign_consistency_on_signed_maps(dims):
     # area: 2 of 4 locations agree in both; mass: 3 of 4 (diseased), 4 of 5 (healthy)
     assert evidence_sign_consistency(maps, diseased).tolist() == pytest.approx([0.5, 0.5])
     assert evidence_sign_consistency(maps, diseased, by="mass").tolist() == pytest.approx([3 / 4, 4 / 5])
+
+
+def test_disease_classes_are_the_label_or_the_highest_scoring_disease_class():
+    labels = torch.tensor([0, 1, 2, 0])
+    logits = torch.tensor([[5.0, 1.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [9.0, 3.0, 1.0]])
+    assert disease_classes(labels, logits).tolist() == [2, 1, 2, 1]  # healthy images: the disease the model favours
+    assert disease_classes(torch.tensor([0, 1]), torch.tensor([[3.0, -1.0], [0.0, 1.0]])).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ideal_and_random_maps_at_an_evidence_grid(dims):
+    spatial = SHAPES[dims]
+    mask = box_mask(dims, (0,) * dims, (3,) * dims)  # exactly the first cell of a grid of 4-voxel cells
+    grid = tuple(s // 4 for s in spatial)
+    cell = torch.zeros(1, 1, *grid)
+    cell[(0, 0, *[0] * dims)] = 1.0
+    ideal = ideal_maps(mask, grid)
+    assert torch.allclose(ideal, upsample(cell, spatial)[:, 0])  # pooled to the grid, upsampled like the explainers
+    assert pointing_game(ideal, mask).item() == 1 and activation_precision(ideal, mask).item() < 1
+    assert torch.equal(ideal_maps(mask, spatial), mask.float())  # at input resolution the ideal map is the mask
+    noise = random_maps((2, *spatial), grid, seed=0)
+    assert noise.shape == (2, *spatial) and 0 <= noise.min() and noise.max() < 1
+    assert torch.equal(noise, random_maps((2, *spatial), grid, seed=0))
+    assert not torch.equal(noise, random_maps((2, *spatial), grid, seed=1))
+

@@ -1,26 +1,32 @@
 """Compare every explanation method on one test split: one table shaped like the papers' tables.
 
-Rows ("contenders"): the black box with each post-hoc method; the black box with the dual-branch
-sigmoid head (Oh & Noh) under each CAM variant; dense SoftCAM; sparse SoftCAM; SoftCAM with a
-sigmoid evidence branch. Columns: classification metrics of the row's classifier, then explanation
-metrics of the row's maps. A model whose checkpoint is missing is left out with a log line, so a
-user compares what they trained.
+Rows ("contenders") come from the models compared and the explainer registry
+(``bundle.explain.methods.EXPLAINERS``): a black box with every post-hoc method; a black box
+with a dual-branch sigmoid head (Oh & Noh) under every CAM-family method; each SoftCAM model's
+raw evidence map and its contrast map (E_k minus the mean of the other classes' maps); a SoftCAM
+with a sigmoid evidence branch under its branch's map. Columns: classification metrics of the
+row's classifier, then explanation metrics of the row's maps. Beside them, for every map
+resolution in the table, the localisation scores of the ideal map at that resolution (the mask
+pooled to the grid and upsampled as the maps are) and of a random map: ceiling and chance. A
+model whose checkpoint is missing is left out with a log line, so a user compares what they trained.
 
 Which class is explained:
-- faithfulness (Average Drop / Increase in Confidence on every test image; deletion and insertion
-  on the images every compared model classifies correctly, as the SoftCAM paper does): the class the
-  classifier predicts;
-- localisation (against the lesion masks, on annotated images only): the lesion's class, the
-  ground truth, as weakly supervised localisation benchmarks do ("GT-known");
-- sign consistency: the raw signed map of the predicted class, diseased vs healthy images.
+- Average Drop / Increase in Confidence (every test image): the class the classifier predicts;
+- deletion and insertion (SoftCAM reference): lesion images that every compared model classifies
+  correctly, the lesion's class, the first patches one at a time, against the same model's curve
+  in a seeded random patch order;
+- localisation (annotated images): the lesion's class, as weakly supervised localisation
+  benchmarks do ("GT-known");
+- sign consistency (SoftCAM reference): the disease class's map on every image, positive evidence
+  counted on diseased images and negative on healthy ones (``metrics.disease_classes``).
 
-Writes ``comparison.csv``, ``comparison.md``, ``deletion_curves.png`` and ``method_grid.png`` to
-``output_dir`` and, with a tracking URI, logs them and the table's numbers to an MLflow run.
+Writes ``comparison.csv`` / ``.md``, ``box_accuracy_curves.csv``, ``box_accuracy.png``,
+``deletion_curves.png`` and ``method_grid.png`` to ``output_dir`` and, with a tracking URI, logs
+them and the table's numbers to an MLflow run.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -31,51 +37,39 @@ import torch
 from monai.transforms import Compose
 
 from bundle.checkpoints import load_checkpoint
-from bundle.explain import localisation as loc
-from bundle.explain import metrics
-from bundle.explain.methods import make_explainer
+from bundle.explain import boxes, faithfulness, localisation, report
+from bundle.explain.metrics import accuracy, balanced_accuracy, cohen_kappa, disease_classes, evidence_sign_consistency, roc_auc
+from bundle.explain.methods import EXPLAINERS, make_explainer
+from bundle.explain.targets import target_named
 from bundle.networks.classifier import classifier
 from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
-from bundle.visualize import minmax
 
 logger = logging.getLogger(__name__)
-
-POST_HOC = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "integrated_gradients", "guided_backprop")
-CAM_VARIANTS = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam")
-METHOD_NAMES = {
-    "softcam": "SoftCAM", "cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-    "layercam": "LayerCAM", "scorecam": "Score-CAM", "integrated_gradients": "Integrated Gradients",
-    "guided_backprop": "Guided Backprop",
-}
-# (column, header, higher is better): the order of the table
-COLUMNS = (
-    ("accuracy", "Acc", True), ("balanced_accuracy", "BalAcc", True), ("auc", "AUC", True), ("kappa", "Kappa", True),
-    ("average_drop", "AvgDrop %", False), ("increase_in_confidence", "IncConf %", True),
-    ("deletion_audc", "Deletion AUDC", False), ("insertion_auc", "Insertion AUC", True),
-    ("activation_precision", "Act. precision", True), ("activation_sensitivity", "Act. sensitivity", True),
-    ("top_k_precision", "Top-k precision", True), ("pointing_game", "Pointing game", True), ("pxap", "PxAP", True),
-    ("max_box_acc_v2", "MaxBoxAccV2", True), ("gt_loc", "GT-Loc", True), ("top1_loc", "Top-1 Loc", True),
-    ("sign_consistency", "Sign consistency", True), ("randomisation_correlation", "Rand. corr.", False),
-    ("seconds_per_image", "s / image", False),
-)
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One row: ``method`` explaining the classifier ``model`` (a key of the comparison's models)."""
+    """One row: ``method`` explaining ``target`` ("logit", "branch", "contrast") of the classifier
+    ``model`` (a key of the comparison's models)."""
 
     label: str
     model: str
     method: str
-    branch: bool = False
+    target: str = "logit"
 
 
-def default_contenders() -> list[Contender]:
-    """The rows of both papers' tables, plus the unpublished SoftCAM + sigmoid evidence branch."""
-    rows = [Contender(f"black box + {METHOD_NAMES[m]}", "black box", m) for m in POST_HOC]
-    rows += [Contender(f"black box + dual branch + {METHOD_NAMES[m]}", "black box + dual branch", m, True) for m in CAM_VARIANTS]
-    rows += [Contender("dense SoftCAM", "dense SoftCAM", "softcam"), Contender("sparse SoftCAM", "sparse SoftCAM", "softcam"),
-             Contender("SoftCAM + sigmoid branch", "SoftCAM + sigmoid branch", "softcam", True)]
+def default_contenders(models: dict[str, dict]) -> list[Contender]:
+    """The rows of both papers' tables for ``models`` (name -> {"head", "branch"}), from the registry."""
+    rows = []
+    for name, spec in models.items():
+        branch, softcam = bool(spec.get("branch")), spec["head"] == "softcam"
+        if softcam:
+            rows += [Contender(name, name, "softcam", "branch")] if branch else [
+                Contender(name, name, "softcam"), Contender(f"{name} (contrast)", name, "softcam", "contrast")]
+            continue
+        for method in EXPLAINERS.values():
+            if method.family != "self-explaining" and (not branch or method.family == "cam"):
+                rows.append(Contender(f"{name} + {method.title}", name, method.name, "branch" if branch else "logit"))
     return rows
 
 
@@ -108,59 +102,102 @@ def load_test_set(items: list[dict], preprocessing: Compose, prepare_mask: Compo
     return TestSet(torch.stack(images), torch.tensor(labels), torch.stack(masks))
 
 
+def _nanmean(values: torch.Tensor) -> float:
+    return float(torch.nanmean(values.double())) if values.numel() else math.nan
+
+
+@dataclass(frozen=True)
+class LocalisationOptions:
+    """How the localisation columns are computed (see ``ExplanationComparison``)."""
+
+    top_k: int = 3
+    top_k_threshold: float = 0.0
+    patch: int = 16
+    pointing_tolerance: float = 0.0
+    box_thresholds: int = 100
+    loc_threshold: float = 0.2
+
+
+def localisation_scores(maps: torch.Tensor, masks: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
+                        options: LocalisationOptions) -> tuple[dict[str, float], tuple | None]:
+    """The localisation columns of maps (N, *S) of the lesion class on annotated images, and the
+    BoxAcc-vs-tau curves (taus, BoxAcc (deltas, T), largest-box BoxAcc (deltas, T), deltas)."""
+    if not len(maps):
+        return {key: math.nan for key in report.LOCALISATION}, None
+    box = boxes.max_box_accuracy(maps, masks, options.box_thresholds)
+    columns = {
+        "activation_precision": _nanmean(localisation.activation_precision(maps, masks)),
+        "activation_sensitivity": _nanmean(localisation.activation_sensitivity(maps, masks)),
+        "top_k_precision": float(localisation.top_k_localisation_precision(
+            maps, masks, options.top_k, options.patch, options.top_k_threshold).precision),
+        "pointing_game": _nanmean(localisation.pointing_game(maps, masks, options.pointing_tolerance)),
+        "pxap": float(localisation.pxap_dataset(maps, masks)),
+        "max_box_acc_v2": float(box.max_box_acc),
+        "gt_loc": _nanmean(boxes.gt_localisation(maps, masks, options.loc_threshold)),
+        "top1_loc": _nanmean(boxes.top1_localisation(maps, masks, predicted, labels, options.loc_threshold)),
+    }
+    curves = (box.thresholds.cpu(), box.box_accuracy.cpu(), box.largest_box_accuracy.cpu(), boxes.IOU_THRESHOLDS)
+    return columns, curves
+
+
+def classification(logits: torch.Tensor, labels: torch.Tensor, ordinal: bool = False) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC and Cohen's kappa (quadratic for ordinal grades) of logits (N, C)."""
+    predicted, classes = logits.argmax(1), logits.shape[1]
+    return {"accuracy": float(accuracy(predicted, labels)),
+            "balanced_accuracy": float(balanced_accuracy(predicted, labels, classes)),
+            "auc": float(roc_auc(logits.softmax(1), labels)),
+            "kappa": float(cohen_kappa(predicted, labels, classes, "quadratic" if ordinal else None))}
+
+
+def reference_rows(test, grid_shape: tuple[int, ...], options: LocalisationOptions, seed: int = 0,
+                   device: str | torch.device = "cpu") -> list[tuple[dict, tuple | None]]:
+    """Ceiling and chance of the localisation columns at a map resolution, on the annotated images
+    of ``test``: the ideal map (the mask pooled to the grid, upsampled as the maps are) and a seeded
+    random map. Top-1 Loc takes the class as right, so it equals GT-Loc there."""
+    annotated = test.masks.flatten(1).any(1)
+    masks, labels = test.masks[annotated].to(device), test.labels[annotated]
+    size = "x".join(map(str, grid_shape))
+    maps = {"ideal": localisation.ideal_maps(masks, grid_shape),
+            "random": localisation.random_maps(tuple(masks.shape), grid_shape, seed, device)}
+    rows = []
+    for kind, reference in maps.items():
+        columns, box_curve = localisation_scores(reference, masks, labels, labels, options)
+        rows.append(({"method": f"{kind} map at {size}", "kind": kind, **columns, "raw_map_shape": size}, box_curve))
+    return rows
+
+
 class ExplanationComparison:
-    """Score every contender on a test set; write the table, deletion curves and a method grid.
+    """Score every contender on a test set; write the table, curves and a method grid.
 
     ``models``: name -> {"head": "linear" | "softcam", "checkpoint": path, "branch": bool}; a
     ``branch`` checkpoint is a whole ``SigmoidBranchClassifier`` (configs/train_sigmoid_branch.json).
     ``network_options``: the classifier factory's other arguments (backbone, spatial_dims, ...).
-    ``deletion_patch`` / ``deletion_steps``: patch side and number of steps of deletion and insertion;
-    ``top_k`` / ``localisation_patch``: top-k localisation precision; ``randomisation_images`` /
-    ``randomised_layers``: the sanity check (0 images: skipped); ``box_thresholds``: tau grid of MaxBoxAccV2;
-    ``pointing_tolerance``: a pointing-game hit may lie this many pixels (voxels) from the mask.
+    ``deletion_patch``: patch side of deletion and insertion; ``deletion_fraction``: the share of
+    the patches deleted one at a time (the reference's 14 of ~256, about 6 %). ``top_k`` /
+    ``top_k_threshold`` / ``localisation_patch``: top-k localisation precision (picks of raw
+    evidence above the threshold); ``box_thresholds``: tau steps of MaxBoxAccV2 (100: 0.01);
+    ``loc_threshold``: tau of GT-Loc and Top-1 Loc; ``pointing_tolerance``: a pointing-game hit may
+    lie this many pixels (voxels) from the mask. ``randomisation_images`` (0: skipped) /
+    ``randomised_backbone_layers``: the sanity check re-initialises this many parameterised backbone
+    modules counted from the output, and the explaining head. ``seed``: random patch order and random maps.
     """
 
-    def __init__(
-        self,
-        test_set,
-        models: dict[str, dict],
-        network_options: dict,
-        output_dir: str,
-        contenders: list[Contender] | None = None,
-        device: str | torch.device = "cpu",
-        batch_size: int = 16,
-        deletion_patch: int = 8,
-        deletion_steps: int = 16,
-        top_k: int = 3,
-        localisation_patch: int = 16,
-        randomisation_images: int = 8,
-        randomised_layers: int = 3,
-        ordinal: bool = False,
-        grid_images: int = 6,
-        box_thresholds: int = 20,
-        pointing_tolerance: float = 0.0,
-        tracking=None,
-    ):
-        self.test_set = test_set
-        self.models = models
-        self.network_options = network_options
+    def __init__(self, test_set, models: dict[str, dict], network_options: dict, output_dir: str,
+                 contenders: list[Contender] | None = None, device: str | torch.device = "cpu", batch_size: int = 16,
+                 deletion_patch: int = 8, deletion_fraction: float = 0.06, top_k: int = 3, top_k_threshold: float = 0.0,
+                 localisation_patch: int = 16, randomisation_images: int = 8, randomised_backbone_layers: int = 3,
+                 ordinal: bool = False, grid_images: int = 6, box_thresholds: int = 100, loc_threshold: float = 0.2,
+                 pointing_tolerance: float = 0.0, seed: int = 0, tracking=None):
+        self.test_set, self.models, self.network_options = test_set, models, network_options
         self.output_dir = Path(output_dir)
-        self.contenders = contenders or default_contenders()
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.deletion_patch = deletion_patch
-        self.deletion_steps = deletion_steps
-        self.top_k = top_k
-        self.localisation_patch = localisation_patch
-        self.randomisation_images = randomisation_images
-        self.randomised_layers = randomised_layers
-        self.ordinal = ordinal
-        self.grid_images = grid_images
-        self.box_thresholds = box_thresholds
-        self.pointing_tolerance = pointing_tolerance
-        self.tracking = tracking
+        self.contenders = contenders or default_contenders(models)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.deletion_patch, self.deletion_fraction = deletion_patch, deletion_fraction
+        self.localisation_options = LocalisationOptions(top_k, top_k_threshold, localisation_patch, pointing_tolerance,
+                                                        box_thresholds, loc_threshold)
+        self.randomisation_images, self.randomised_backbone_layers = randomisation_images, randomised_backbone_layers
+        self.ordinal, self.grid_images, self.seed, self.tracking = ordinal, grid_images, seed, tracking
 
-    # --- models -------------------------------------------------------------------------------
     def load_model(self, name: str) -> torch.nn.Module | None:
         spec = self.models[name]
         path = Path(spec["checkpoint"])
@@ -179,18 +216,7 @@ class ExplanationComparison:
         return torch.cat([model(images[i : i + self.batch_size].to(self.device)).float().cpu()
                           for i in range(0, len(images), self.batch_size)])
 
-    def classification(self, logits: torch.Tensor) -> dict[str, float]:
-        labels = self.test_set.labels
-        predicted = logits.argmax(1)
-        return {
-            "accuracy": float(metrics.accuracy(predicted, labels)),
-            "balanced_accuracy": float(metrics.balanced_accuracy(predicted, labels, logits.shape[1])),
-            "auc": float(metrics.roc_auc(logits.softmax(1), labels)),
-            "kappa": float(metrics.cohen_kappa(predicted, labels, logits.shape[1], "quadratic" if self.ordinal else None)),
-        }
-
-    # --- maps ---------------------------------------------------------------------------------
-    def explain(self, explainer, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def explain(self, explainer, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Upsampled maps (N, *S) on the CPU and the raw maps' spatial shape, batch by batch."""
         maps, raw_shape = [], None
         for i in range(0, len(images), self.batch_size):
@@ -198,6 +224,24 @@ class ExplanationComparison:
             maps.append(explanation.upsampled[:, 0].cpu())
             raw_shape = tuple(explanation.raw.shape[2:])
         return torch.cat(maps), raw_shape
+
+    def perturbation(self, model, maps: torch.Tensor, chosen: torch.Tensor) -> dict[str, faithfulness.PerturbationCurve]:
+        """Deletion and insertion of the first patches of ``maps`` (N, *S) one at a time on the chosen
+        lesion images, for the lesion class; deleted patches take the test images' mean intensity
+        (the images are in [0, 1], not centred)."""
+        test = self.test_set
+        spatial = tuple(test.images.shape[2:])
+        patches = faithfulness.count_patches(spatial, self.deletion_patch)
+        options = {"patch_size": self.deletion_patch, "baseline": float(test.images.mean()), "chunk_size": self.batch_size,
+                   "num_patches": max(1, round(self.deletion_fraction * patches))}
+        images, targets = test.images[chosen].to(self.device), test.labels[chosen].to(self.device)
+        maps = maps.to(self.device)
+
+        def classify(x: torch.Tensor) -> torch.Tensor:
+            return model(x).float()
+
+        return {"deletion": faithfulness.deletion_curve(classify, images, maps, targets, **options),
+                "insertion": faithfulness.insertion_curve(classify, images, maps, targets, **options)}
 
     # --- the table ----------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -209,24 +253,41 @@ class ExplanationComparison:
                 models[name], logits[name] = model, self._logits(model)
         if not models:
             raise FileNotFoundError("comparison: none of the models to compare has a checkpoint: train them first")
-        contenders = [c for c in self.contenders if c.model in models]
         all_correct = torch.stack([lg.argmax(1) == test.labels for lg in logits.values()]).all(0)
-        annotated = test.masks.flatten(1).any(1)
-        logger.info("comparison: %d test images, %d annotated, %d classified correctly by all %d models",
-                    len(test.labels), int(annotated.sum()), int(all_correct.sum()), len(models))
-        rows, curves, grid = [], {}, {}
-        for contender in contenders:
-            row, curve, shown = self.score(contender, models[contender.model], logits[contender.model], all_correct, annotated)
+        annotated, lesion = test.masks.flatten(1).any(1), (test.labels > 0) & all_correct
+        logger.info("comparison: %d test images, %d annotated, %d lesion images classified correctly by all %d models",
+                    len(test.labels), int(annotated.sum()), int(lesion.sum()), len(models))
+        shape = (int(lesion.sum()), *test.images.shape[2:])
+        random_order = faithfulness.random_patch_maps(shape, self.deletion_patch, self.seed)
+        baselines = {}  # each model's curves in a random patch order: the baseline of its rows
+        if lesion.any():
+            baselines = {name: self.perturbation(model, random_order, lesion) for name, model in models.items()}
+        rows, curves, box_curves, grid = [], {}, {}, {}
+        for contender in (c for c in self.contenders if c.model in models):
+            row, curve, box_curve, shown = self.score(contender, models[contender.model], logits[contender.model],
+                                                      annotated, lesion, baselines.get(contender.model))
             rows.append(row)
             curves[contender.label], grid[contender.label] = curve, shown
+            if box_curve is not None:
+                box_curves[contender.label] = box_curve
             logger.info("comparison: %s done (%.3f s / image)", contender.label, row["seconds_per_image"])
+        raw_shapes = dict.fromkeys(row.pop("_raw_shape") for row in list(rows))
+        for grid_shape in raw_shapes if annotated.any() else []:  # ceiling and chance at every map resolution
+            for row, box_curve in reference_rows(test, grid_shape, self.localisation_options, self.seed, self.device):
+                rows.append(row)
+                box_curves[row["method"]] = box_curve
+        random_curves = {name: (c["deletion"].counts.cpu(), c["deletion"].scores.mean(0).cpu()) for name, c in baselines.items()}
+        total = faithfulness.count_patches(tuple(test.images.shape[2:]), self.deletion_patch)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        files = [write_csv(self.output_dir / "comparison.csv", rows), write_markdown(self.output_dir / "comparison.md", rows),
-                 plot_curves(self.output_dir / "deletion_curves.png", curves),
-                 plot_grid(self.output_dir / "method_grid.png", test, grid, self._grid_indices(annotated))]
+        out = self.output_dir
+        files = [report.write_csv(out / "comparison.csv", rows), report.write_markdown(out / "comparison.md", rows),
+                 report.write_box_curves(out / "box_accuracy_curves.csv", box_curves),
+                 report.plot_box_accuracy(out / "box_accuracy.png", box_curves, self.localisation_options.loc_threshold),
+                 report.plot_deletion_curves(out / "deletion_curves.png", curves, random_curves, total),
+                 report.plot_grid(out / "method_grid.png", test, grid, self._grid_indices(annotated))]
         if self.tracking is not None:
             self.tracking.log_comparison(rows, files, {"n_test": len(test.labels), "n_annotated": int(annotated.sum()),
-                                                       "n_all_correct": int(all_correct.sum())})
+                                                       "n_lesion_all_correct": int(lesion.sum())})
         return rows
 
     def _grid_indices(self, annotated: torch.Tensor) -> torch.Tensor:
@@ -234,162 +295,62 @@ class ExplanationComparison:
         order = torch.cat([torch.nonzero(annotated).flatten(), torch.nonzero(~annotated).flatten()])
         return order[: self.grid_images]
 
-    def score(self, contender: Contender, model, logits: torch.Tensor, all_correct: torch.Tensor,
-              annotated: torch.Tensor) -> tuple[dict, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def score(self, contender: Contender, model, logits: torch.Tensor, annotated: torch.Tensor, lesion: torch.Tensor,
+              baseline: dict | None) -> tuple[dict, tuple, tuple | None, torch.Tensor]:
+        """One row, its mean deletion curve, its BoxAcc curves and the maps of the grid's images."""
         test = self.test_set
         predicted = logits.argmax(1)
-        explainer = make_explainer(contender.method, model, branch=contender.branch)
+        explainer = make_explainer(contender.method, model, contender.target)
         start = time.perf_counter()
         maps, raw_shape = self.explain(explainer, test.images, predicted)
         seconds = (time.perf_counter() - start) / len(test.images)
-        # localisation explains the lesion's class: re-explain the annotated images predicted otherwise
-        lesion_maps = maps.clone()
-        redo = annotated & (predicted != test.labels)
+        # the disease class's map on every image: the lesion's class where there is one
+        disease = disease_classes(test.labels, logits)
+        disease_maps = maps.clone()
+        redo = disease != predicted
         if redo.any():
-            lesion_maps[redo] = self.explain(explainer, test.images[redo], test.labels[redo])[0]
+            disease_maps[redo] = self.explain(explainer, test.images[redo], disease[redo])[0]
 
         def classify(x: torch.Tensor) -> torch.Tensor:
             return model(x.to(self.device)).float()
 
-        images, maps_dev = test.images.to(self.device), maps.to(self.device)
-        change = metrics.confidence_change(classify, images, maps_dev, predicted.to(self.device), self.batch_size)
-        row = {"method": contender.label, **self.classification(logits),
+        images = test.images.to(self.device)
+        change = faithfulness.confidence_change(classify, images, maps.to(self.device), predicted.to(self.device),
+                                                self.batch_size)
+        row = {"method": contender.label, "kind": "method", **classification(logits, test.labels, self.ordinal),
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
-        keep = all_correct.to(self.device)
-        if keep.any():
-            # deleted patches take the mean intensity of the test images (the images are in [0, 1], not centred)
-            perturb = {"patch_size": self.deletion_patch, "num_steps": self.deletion_steps, "baseline": float(test.images.mean()),
-                       "chunk_size": self.batch_size}
-            targets = predicted.to(self.device)[keep]
-            deletion = metrics.deletion_curve(classify, images[keep], maps_dev[keep], targets, **perturb)
-            insertion = metrics.insertion_curve(classify, images[keep], maps_dev[keep], targets, **perturb)
-            row["deletion_audc"], row["insertion_auc"] = float(deletion.area.mean()), float(insertion.area.mean())
-            curve = (deletion.fractions.cpu(), deletion.scores.mean(0).cpu())
+        curve = (torch.zeros(0), torch.zeros(0))
+        if baseline is not None:
+            ordered = self.perturbation(model, disease_maps[lesion], lesion)
+            deletion, insertion = float(ordered["deletion"].area.mean()), float(ordered["insertion"].area.mean())
+            row.update(deletion_audc=deletion, deletion_gain=float(baseline["deletion"].area.mean()) - deletion,
+                       insertion_auc=insertion, insertion_gain=insertion - float(baseline["insertion"].area.mean()))
+            curve = (ordered["deletion"].counts.cpu(), ordered["deletion"].scores.mean(0).cpu())
         else:
-            row["deletion_audc"] = row["insertion_auc"] = math.nan
-            curve = (torch.zeros(0), torch.zeros(0))
-        row.update(self.localisation(lesion_maps[annotated], test.masks[annotated], predicted[annotated], test.labels[annotated]))
-        row["sign_consistency"] = _nanmean(metrics.evidence_sign_consistency(maps, test.labels > 0))
-        row["randomisation_correlation"] = self.randomisation(model, contender)
+            row.update(deletion_audc=math.nan, deletion_gain=math.nan, insertion_auc=math.nan, insertion_gain=math.nan)
+        columns, box_curve = localisation_scores(disease_maps[annotated].to(self.device), test.masks[annotated].to(self.device),
+                                                 predicted[annotated], test.labels[annotated], self.localisation_options)
+        row.update(columns)
+        diseased = test.labels > 0
+        sign = evidence_sign_consistency(disease_maps, diseased)
+        row.update(sign_consistency=_nanmean(sign), sign_positive_lesion=_nanmean(sign[diseased]),
+                   sign_negative_healthy=_nanmean(sign[~diseased]))
+        row["randomisation_correlation"] = math.nan if self.randomisation_images <= 0 else randomisation_correlation(
+            model, contender, test.images[: self.randomisation_images].to(self.device), self.randomised_backbone_layers)
         row["seconds_per_image"] = seconds
-        row["raw_map_shape"] = "x".join(map(str, raw_shape))
-        return row, curve, maps[self._grid_indices(annotated)]
-
-    def localisation(self, maps: torch.Tensor, masks: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor) -> dict:
-        if not len(maps):
-            return {key: math.nan for key in ("activation_precision", "activation_sensitivity", "top_k_precision",
-                                              "pointing_game", "pxap", "max_box_acc_v2", "gt_loc", "top1_loc")}
-        maps, masks = maps.to(self.device), masks.to(self.device)
-        return {
-            "activation_precision": _nanmean(loc.activation_precision(maps, masks)),
-            "activation_sensitivity": _nanmean(loc.activation_sensitivity(maps, masks)),
-            "top_k_precision": _nanmean(loc.top_k_localisation_precision(maps, masks, self.top_k, self.localisation_patch)),
-            "pointing_game": _nanmean(loc.pointing_game(maps, masks, self.pointing_tolerance)),
-            "pxap": float(loc.pxap_dataset(maps, masks)),
-            # tau in steps of 1 / box_thresholds: labelling components at every tau is the costly part on a CPU
-            "max_box_acc_v2": float(loc.max_box_accuracy(maps, masks, self.box_thresholds).max_box_acc),
-            "gt_loc": _nanmean(loc.gt_localisation(maps, masks)),
-            "top1_loc": _nanmean(loc.top1_localisation(maps, masks, predicted, labels)),
-        }
-
-    def randomisation(self, model, contender: Contender) -> float:
-        """Parameter-randomisation sanity check on the first few test images (Adebayo et al. 2018)."""
-        if self.randomisation_images <= 0:
-            return math.nan
-        images = self.test_set.images[: self.randomisation_images].to(self.device)
-        with torch.no_grad():
-            targets = model(images).argmax(1)
-
-        def explain(net, x, t):
-            return make_explainer(contender.method, net, branch=contender.branch)(x, t).upsampled[:, 0]
-
-        correlation = metrics.parameter_randomisation_correlation(model, explain, images, targets, self.randomised_layers, seed=0)
-        return _nanmean(correlation)
+        row["raw_map_shape"], row["_raw_shape"] = "x".join(map(str, raw_shape)), raw_shape
+        return row, curve, box_curve, maps[self._grid_indices(annotated)]
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    return float(torch.nanmean(values.double())) if values.numel() else math.nan
+def randomisation_correlation(model, contender: Contender, images: torch.Tensor, backbone_layers: int) -> float:
+    """Parameter-randomisation sanity check (Adebayo et al. 2018) on ``images`` for their predicted
+    classes: the same backbone layers, counted from the output, for every row, and the explaining head."""
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    head = target_named(contender.target).explaining_head(model)
+    layers = faithfulness.layers_from_output(model, model.features, head, backbone_layers)
 
+    def explain(net, x, t):
+        return make_explainer(contender.method, net, contender.target)(x, t).upsampled[:, 0]
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    columns = ["method", *[key for key, _, _ in COLUMNS], "raw_map_shape"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-    return path
-
-
-def write_markdown(path: Path, rows: list[dict]) -> Path:
-    """The table as in the papers, the best value of each explanation column in bold."""
-    header = "| method | " + " | ".join(f"{title} {'↑' if up else '↓'}" for _, title, up in COLUMNS) + " |"
-    lines = [header, "| --- " * (len(COLUMNS) + 1) + "|"]
-    best = {}
-    for key, _, up in COLUMNS:
-        values = [row[key] for row in rows if not math.isnan(row[key])]
-        best[key] = (max(values) if up else min(values)) if values else None
-    for row in rows:
-        cells = []
-        for key, _, _ in COLUMNS:
-            value = row[key]
-            text = "n/a" if math.isnan(value) else f"{value:.3f}"
-            cells.append(f"**{text}**" if best[key] is not None and value == best[key] and key != "seconds_per_image" else text)
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def plot_curves(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    """Mean deletion curve (min(p', p) / p against the fraction of patches deleted) of every row."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for label, (fractions, scores) in curves.items():
-        if len(fractions):
-            ax.plot(fractions.numpy(), scores.numpy(), label=label, linestyle="-" if "SoftCAM" in label else "--")
-    ax.set_xlabel("fraction of patches deleted (most evidence first)")
-    ax.set_ylabel("min(p', p) / p")
-    ax.set_title("Deletion curves (lower area = more faithful)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _slice_of(mask: torch.Tensor) -> int:
-    """The slice (last axis) of a 3D mask with the most lesion, or the middle one."""
-    per_slice = mask.flatten(0, -2).sum(0)
-    return int(per_slice.argmax()) if per_slice.any() else mask.shape[-1] // 2
-
-
-def plot_grid(path: Path, test: TestSet, grid: dict[str, torch.Tensor], indices: torch.Tensor) -> Path:
-    """The same test images (columns) under every method (rows); the lesion outlined in white.
-    3D volumes show the slice with the most lesion (the middle one for healthy volumes)."""
-    import matplotlib.pyplot as plt
-
-    def plane(volume: torch.Tensor, k: int | None):
-        return (volume[..., k] if k is not None else volume).T.numpy()  # MONAI (x, y) -> (rows, cols)
-
-    n = len(indices)
-    fig, axes = plt.subplots(len(grid) + 1, n, figsize=(1.6 * n, 1.6 * (len(grid) + 1)), squeeze=False)
-    for j, index in enumerate(indices.tolist()):
-        mask = test.masks[index]
-        k = _slice_of(mask) if mask.ndim == 3 else None
-        image, outline = plane(test.images[index, 0], k), plane(mask.float(), k)
-        axes[0, j].imshow(image, cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(f"label {int(test.labels[index])}", fontsize=7)
-        for i, (label, maps) in enumerate(grid.items(), start=1):
-            axes[i, j].imshow(image, cmap="gray", vmin=0, vmax=1)
-            axes[i, j].imshow(plane(minmax(maps[j : j + 1])[0], k), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            if outline.any():
-                axes[i, j].contour(outline, levels=[0.5], colors="white", linewidths=0.6)
-            if j == 0:
-                axes[i, j].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _nanmean(faithfulness.parameter_randomisation_correlation(model, explain, images, targets, layers, seed=0))

@@ -5,13 +5,15 @@
     explanation.raw        # (B, 1, h, w[, d]) float32, the method's own resolution, not normalised
     explanation.upsampled  # (B, 1, H, W[, D]) float32, raw resized to the input (bi/trilinear)
 
-Each image gets the map of its own target class (``targets=None``: the classifier head's arg-max),
-unlike MONAI's GradCAM, which explains one class for the whole batch.
+Each image gets the map of its own class (``targets=None``: the softmax head's arg-max), unlike
+MONAI's GradCAM, which explains one class for the whole batch. *What* is explained is a target
+(``bundle.explain.targets``): ``make_explainer("gradcam", model, target="branch")`` explains the
+sigmoid branch's logit, ``make_explainer("softcam", model, target="contrast")`` SoftCAM's contrast map.
 
 | name | library | raw map | sign |
 | --- | --- | --- | --- |
-| ``softcam`` | (the model) | SoftCAM evidence map of the same forward pass, bias included: its mean is the logit | signed |
-| ``cam`` | torchcam ``CAM`` | sum_d w_kd F_d (Zhou et al.): head weight row k on the features, no bias, no ReLU | signed |
+| ``softcam`` | (the model) | SoftCAM class map of the same forward pass, bias included: its mean is the score | signed |
+| ``cam`` | torchcam ``CAM`` | sum_d w_kd F_d (Zhou et al.): the class weight row k on the features, no bias, no ReLU | signed |
 | ``gradcam`` | torchcam ``GradCAM`` | ReLU(sum_d mean(dY_k/dF_d) F_d) | >= 0 |
 | ``gradcampp`` | torchcam ``GradCAMpp``, paper's weights (``_PaperGradCAMpp``) | ReLU(sum_d w_d F_d), Grad-CAM++ weights | >= 0 |
 | ``xgradcam`` | torchcam ``XGradCAM`` | ReLU(sum_d w_d F_d), XGrad-CAM weights | >= 0 |
@@ -20,17 +22,18 @@ unlike MONAI's GradCAM, which explains one class for the whole batch.
 | ``integrated_gradients`` | captum | attributions at input resolution, summed over input channels | signed |
 | ``guided_backprop`` | captum | guided gradients at input resolution, summed over input channels | signed |
 
-F is the backbone's last feature map (the output of ``model.features``), Y_k the logit explained.
+F is the backbone's last feature map (the output of ``model.features``), Y_k the target's score.
 Summing over input channels keeps Integrated Gradients' completeness (the map sums to
-logit(x) - logit(baseline)). Guided Backprop overrides only ``nn.ReLU`` modules (MONAI's ResNets
+Y_k(x) - Y_k(baseline)). Guided Backprop overrides only ``nn.ReLU`` modules (MONAI's ResNets
 use them; DenseNet's final functional ReLU and EfficientNet's swish are plain gradients).
 
-**Dual-branch sigmoid head** (Oh & Noh, BMVC 2025): with ``branch=True`` on a
-``SigmoidBranchClassifier`` the CAM family takes its channel weights from the sigmoid branch's raw
-logit z_k* (CAM: the branch's weight row; gradient methods: gradients of z_k*), clamps them to >= 0
-and returns M = ReLU(sum_d max(w_d, 0) F_d); Score-CAM scores masked inputs by z_k* with no clamp;
-``softcam`` returns the branch's signed evidence maps (its spatial mean is z_k). The class k* is
-still the original softmax head's arg-max unless ``targets`` are given.
+**Dual-branch sigmoid head** (Oh & Noh, BMVC 2025), target ``BranchLogit`` on a
+``SigmoidBranchClassifier``: the CAM family takes its channel weights from the branch's raw logit
+z_k (CAM: the branch's weight row; gradient methods: gradients of z_k), clamps them to >= 0 and
+returns M = ReLU(sum_d max(w_d, 0) F_d). Score-CAM follows the authors' ``score_cam.py``: the
+branch's scores of the masked inputs are clamped at 0 before the softmax over channels and no
+baseline score is subtracted (``_BranchScoreCAM``). ``softcam`` returns the branch's signed maps
+(their spatial mean is z_k). The class is still the softmax head's arg-max unless ``targets`` are given.
 
 Every explainer runs the model in eval mode with gradients on, even inside ``torch.no_grad()`` or
 on tensors made under ``torch.inference_mode()`` (it works on a clone), and afterwards restores
@@ -54,8 +57,8 @@ from torch import nn
 from torchcam.methods import CAM, GradCAM, GradCAMpp, LayerCAM, ScoreCAM, XGradCAM
 from torchcam.methods.core import _CAM
 
-from bundle.networks.classifier import ClassEvidenceHead, ImageClassifier, LinearHead
-from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
+from bundle.explain.targets import HeadLogit, target_named
+from bundle.networks.classifier import ClassEvidenceHead, ImageClassifier
 from bundle.visualize import upsample
 
 
@@ -93,20 +96,27 @@ def _explanation_mode(model: nn.Module) -> Iterator[None]:
 
 
 class Explainer(ABC):
-    """Turns (images, one target class per image) into an ``Explanation``; subclasses give the raw map."""
+    """Turns (images, one class per image) into an ``Explanation`` of ``target``'s score of that class.
 
+    Subclasses give the raw map and say who they are: ``name`` (the registry key), ``title`` (as
+    in the papers' tables) and ``family`` ("self-explaining", "cam" or "gradient").
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    family: ClassVar[str]
     supports_branch: ClassVar[bool] = False
 
-    def __init__(self, model: ImageClassifier, branch: bool = False):
-        if branch and not self.supports_branch:
+    def __init__(self, model: ImageClassifier, target: HeadLogit | str = HeadLogit()):
+        target = target_named(target)
+        if target.branch and not self.supports_branch:
             raise ValueError(f"{type(self).__name__} has no sigmoid-branch variant")
-        if branch and not isinstance(model, SigmoidBranchClassifier):
-            raise TypeError(f"branch=True needs a SigmoidBranchClassifier, got a {type(model).__name__}")
+        target.check(model)
         self.model = model
-        self.branch = branch
+        self.target = target
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None) -> Explanation:
-        """images (B, Ch, H, W[, D]); targets (B,) class indices, or None for the head's arg-max."""
+        """images (B, Ch, H, W[, D]); targets (B,) class indices, or None for the softmax head's arg-max."""
         device = next(self.model.parameters()).device
         with _explanation_mode(self.model):
             # a plain tensor (not a MetaTensor), and a normal one even if made under inference_mode
@@ -136,29 +146,18 @@ def _select(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class SoftCAMExplainer(Explainer):
     """SoftCAM's class evidence maps from the forward pass itself: no backward pass, no perturbation."""
 
+    name, title, family = "softcam", "SoftCAM", "self-explaining"
     supports_branch = True
 
-    def __init__(self, model: ImageClassifier, branch: bool = False):
-        super().__init__(model, branch)
-        if not isinstance(model.head, ClassEvidenceHead):
-            raise TypeError(f"softcam explains SoftCAM classifiers; this one has a {type(model.head).__name__}")
+    def __init__(self, model: ImageClassifier, target: HeadLogit | str = HeadLogit()):
+        super().__init__(model, target)
+        head = self.target.explaining_head(model)
+        if not isinstance(head, ClassEvidenceHead):
+            raise TypeError(f"softcam explains SoftCAM classifiers; this one has a {type(head).__name__}")
 
     def raw_maps(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            forward = self.model.forward_with_branch_maps if self.branch else self.model.forward_with_maps
-            _, maps = forward(images)
-        return _select(maps, targets)
-
-
-class _BranchLogits(nn.Module):
-    """A ``SigmoidBranchClassifier`` seen as a model whose output is its branch's logits."""
-
-    def __init__(self, model: SigmoidBranchClassifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, branch=True)
+            return _select(self.target.class_maps(self.model, images), targets)
 
 
 class _NonNegativeWeights:
@@ -195,13 +194,18 @@ class _PaperGradCAMpp(GradCAMpp):
         return weights
 
 
-def _class_weight_layer(head: nn.Module) -> nn.Module:
-    """The layer holding the head's (C, D) class weights: ``fc`` of a linear head, the 1x1 evidence conv of SoftCAM."""
-    if isinstance(head, LinearHead):
-        return head.fc
-    if isinstance(head, ClassEvidenceHead):
-        return head.class_evidence_layer
-    raise TypeError(f"no class weight layer known for a {type(head).__name__}")
+class _BranchScoreCAM(ScoreCAM):
+    """Score-CAM on a sigmoid branch as Oh & Noh's ``score_cam.py``: w = softmax_d(max(z_k(x * A_d), 0)),
+    the branch logit of the input masked by each normalised feature map clamped at 0, with no
+    baseline score subtracted (torchcam subtracts z_k(x)). Overrides two private torchcam steps:
+    the baseline scores (zeros) and the masked inputs' scores (clamped)."""
+
+    def _init_score_weights(self, activations, class_idx, targets):
+        weights, target_fns, baseline_scores = super()._init_score_weights(activations, class_idx, targets)
+        return weights, target_fns, torch.zeros_like(baseline_scores)
+
+    def _score_input(self, input_tensor, sample_indices, class_idx, targets) -> torch.Tensor:
+        return super()._score_input(input_tensor, sample_indices, class_idx, targets).clamp_min(0)
 
 
 class TorchCAMExplainer(Explainer):
@@ -211,22 +215,27 @@ class TorchCAMExplainer(Explainer):
     extractor's constructor (e.g. ``batch_size`` for Score-CAM).
     """
 
+    family = "cam"
     supports_branch = True
     method: ClassVar[type[_CAM]]
+    branch_method: ClassVar[type[_CAM] | None] = None  # the method's own sigmoid-branch rule, if it has one
     uses_gradients: ClassVar[bool] = True
-    clamps_branch_weights: ClassVar[bool] = True
 
-    def __init__(self, model: ImageClassifier, branch: bool = False, **options: Any):
-        super().__init__(model, branch)
+    def __init__(self, model: ImageClassifier, target: HeadLogit | str = HeadLogit(), **options: Any):
+        super().__init__(model, target)
         self.options = options
 
     def extractor_options(self) -> dict[str, Any]:
         return dict(self.options)
 
+    def extractor_class(self) -> type[_CAM]:
+        if not self.target.clamps_channel_weights:
+            return self.method
+        return self.branch_method or _with_non_negative_weights(self.method)
+
     def raw_maps(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        scorer = _BranchLogits(self.model) if self.branch else self.model
-        method = _with_non_negative_weights(self.method) if self.branch and self.clamps_branch_weights else self.method
-        with method(scorer, target_layer=self.model.features, **self.extractor_options()) as extractor:
+        scorer = self.target.scores(self.model)
+        with self.extractor_class()(scorer, target_layer=self.model.features, **self.extractor_options()) as extractor:
             with torch.set_grad_enabled(self.uses_gradients):
                 # the input carries the graph, so gradients reach the features even when every parameter is frozen
                 scores = scorer(images.requires_grad_(self.uses_gradients))
@@ -237,60 +246,71 @@ class TorchCAMExplainer(Explainer):
 class CAMExplainer(TorchCAMExplainer):
     """Class activation map (Zhou et al. 2016): the head's (or branch's) weight row of the class on the features."""
 
+    name, title = "cam", "CAM"
     method = CAM
     uses_gradients = False
 
+    def __init__(self, model: ImageClassifier, target: HeadLogit | str = HeadLogit(), **options: Any):
+        super().__init__(model, target, **options)
+        self.fc_layer = self.target.weight_layer(model)
+
     def extractor_options(self) -> dict[str, Any]:
-        head = self.model.branch if self.branch else self.model.head
-        return {**self.options, "fc_layer": _class_weight_layer(head)}
+        return {**self.options, "fc_layer": self.fc_layer}
 
 
 class GradCAMExplainer(TorchCAMExplainer):
-    """Grad-CAM (Selvaraju et al. 2017): channel weights = spatial mean of the logit's gradients."""
+    """Grad-CAM (Selvaraju et al. 2017): channel weights = spatial mean of the score's gradients."""
 
+    name, title = "gradcam", "Grad-CAM"
     method = GradCAM
 
 
 class GradCAMppExplainer(TorchCAMExplainer):
     """Grad-CAM++ (Chattopadhay et al. 2018), with the paper's alpha (see ``_PaperGradCAMpp``)."""
 
+    name, title = "gradcampp", "Grad-CAM++"
     method = _PaperGradCAMpp
 
 
 class XGradCAMExplainer(TorchCAMExplainer):
     """XGrad-CAM (Fu et al. 2020): gradients weighted by the normalised activations."""
 
+    name, title = "xgradcam", "XGrad-CAM"
     method = XGradCAM
 
 
 class LayerCAMExplainer(TorchCAMExplainer):
     """LayerCAM (Jiang et al. 2021): per-location weights ReLU(gradient)."""
 
+    name, title = "layercam", "LayerCAM"
     method = LayerCAM
 
 
 class ScoreCAMExplainer(TorchCAMExplainer):
-    """Score-CAM (Wang et al. 2020): channel weights from the logit gain of the input masked by each
+    """Score-CAM (Wang et al. 2020): channel weights from the score gain of the input masked by each
     feature map. B * D extra forward passes, ``batch_size`` (default 32) at a time."""
 
+    name, title = "scorecam", "Score-CAM"
     method = ScoreCAM
+    branch_method = _BranchScoreCAM
     uses_gradients = False
-    clamps_branch_weights = False  # softmax weights are positive already; Oh & Noh use no clamp here
 
 
 class IntegratedGradientsExplainer(Explainer):
     """Integrated Gradients (Sundararajan et al. 2017, captum) from a constant ``baseline`` image
     (0: black after windowing to [0, 1]) in ``n_steps``; raw = attributions summed over input channels."""
 
-    def __init__(self, model: ImageClassifier, branch: bool = False, n_steps: int = 32, baseline: float = 0.0,
-                 internal_batch_size: int | None = None):
-        super().__init__(model, branch)
+    name, title, family = "integrated_gradients", "Integrated Gradients", "gradient"
+
+    def __init__(self, model: ImageClassifier, target: HeadLogit | str = HeadLogit(), n_steps: int = 32,
+                 baseline: float = 0.0, internal_batch_size: int | None = None):
+        super().__init__(model, target)
         self.n_steps = n_steps
         self.baseline = baseline
         self.internal_batch_size = internal_batch_size
 
     def raw_maps(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        attributions = IntegratedGradients(self.model).attribute(
+        attributions = IntegratedGradients(self.target.scores(self.model)).attribute(
             images, baselines=self.baseline, target=targets, n_steps=self.n_steps, internal_batch_size=self.internal_batch_size
         )
         return attributions.sum(dim=1, keepdim=True)
@@ -300,27 +320,23 @@ class GuidedBackpropExplainer(Explainer):
     """Guided Backpropagation (Springenberg et al. 2015, captum): input gradients with negative
     gradients stopped at every ``nn.ReLU``; raw = summed over input channels."""
 
+    name, title, family = "guided_backprop", "Guided Backprop", "gradient"
+
     def raw_maps(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         images.requires_grad_()  # captum would set it too, with a warning on every call
-        return GuidedBackprop(self.model).attribute(images, target=targets).sum(dim=1, keepdim=True)
+        return GuidedBackprop(self.target.scores(self.model)).attribute(images, target=targets).sum(dim=1, keepdim=True)
 
 
 EXPLAINERS: dict[str, type[Explainer]] = {
-    "softcam": SoftCAMExplainer,
-    "cam": CAMExplainer,
-    "gradcam": GradCAMExplainer,
-    "gradcampp": GradCAMppExplainer,
-    "xgradcam": XGradCAMExplainer,
-    "layercam": LayerCAMExplainer,
-    "scorecam": ScoreCAMExplainer,
-    "integrated_gradients": IntegratedGradientsExplainer,
-    "guided_backprop": GuidedBackpropExplainer,
+    method.name: method
+    for method in (SoftCAMExplainer, CAMExplainer, GradCAMExplainer, GradCAMppExplainer, XGradCAMExplainer,
+                   LayerCAMExplainer, ScoreCAMExplainer, IntegratedGradientsExplainer, GuidedBackpropExplainer)
 }
 
 
-def make_explainer(name: str, model: ImageClassifier, **options: Any) -> Explainer:
-    """The explainer ``name`` (a key of ``EXPLAINERS``) for ``model``; ``branch=True`` for the
-    sigmoid-branch variant of softcam and the CAM family, other options go to the method."""
+def make_explainer(name: str, model: ImageClassifier, target: HeadLogit | str = HeadLogit(), **options: Any) -> Explainer:
+    """The explainer ``name`` (a key of ``EXPLAINERS``) of ``target`` (a ``bundle.explain.targets``
+    target or its name: "logit", "branch", "contrast") for ``model``; other options go to the method."""
     if name not in EXPLAINERS:
         raise ValueError(f"unknown explanation method {name!r}; choose one of {sorted(EXPLAINERS)}")
-    return EXPLAINERS[name](model, **options)
+    return EXPLAINERS[name](model, target, **options)

@@ -4,6 +4,7 @@
   D feature channels to C signed class evidence maps; the logits are their spatial mean, so the
   explanation is the prediction itself.
 - ``LinearHead``: the black-box baseline, global average pooling + linear layer.
+- ``class_evidence``: which of a SoftCAM head's maps is the explanation, raw E_k or the contrast map.
 """
 
 from __future__ import annotations
@@ -13,6 +14,28 @@ from monai.networks.layers import Conv
 from torch import nn
 
 from bundle.networks.backbones import BackboneFeatures
+
+EVIDENCE_MAPS = ("raw", "contrast")
+
+
+def class_evidence(maps: torch.Tensor, kind: str = "raw") -> torch.Tensor:
+    """The explanation of every class from class evidence maps (B, C, h, w[, d]) (or logits (B, C)).
+
+    ``"raw"``: E_k itself. ``"contrast"``: E_k minus the mean of the other classes' maps,
+    (C E_k - sum_j E_j) / (C - 1); for two classes E_1 - E_0 and E_0 - E_1. Softmax fixes only the
+    differences of logits, so a map added to every class's evidence leaves the prediction as it is
+    and is pinned down only by the regulariser; the contrast map is the part the prediction fixes.
+    Its spatial mean is the contrast of the logits, so it is the logit of k against the rest.
+    Same shape and dtype as ``maps``; needs C >= 2.
+    """
+    if kind == "raw":
+        return maps
+    if kind != "contrast":
+        raise ValueError(f"evidence map kind must be one of {EVIDENCE_MAPS}, got {kind!r}")
+    classes = maps.shape[1]
+    if classes < 2:
+        raise ValueError(f"a contrast map needs at least two classes, got maps of shape {tuple(maps.shape)}")
+    return (classes * maps - maps.sum(dim=1, keepdim=True)) / (classes - 1)
 
 
 class ClassEvidenceHead(nn.Module):

@@ -5,8 +5,9 @@ CAM-style maps are built from are not pinned down by the prediction. The repair:
 classifier frozen as it is (its softmax head still predicts the class k*), add a second head of the
 same kind and shape, freshly initialised, and train only that branch with per-class sigmoid outputs
 (``bundle.losses.SigmoidBranchLoss``). Explanations then take their channel weights from the
-branch's raw logit z_k* (``bundle.explain.methods``, ``branch=True``). On a SoftCAM classifier the
-branch is a second 1x1(x1) class evidence layer: the "sigmoid evidence branch".
+branch's raw logit z_k* (the explanation target ``bundle.explain.targets.BranchLogit``, "branch").
+On a SoftCAM classifier the branch is a second 1x1(x1) class evidence layer: the "sigmoid
+evidence branch".
 
 State dict: the wrapper *is* an ``ImageClassifier`` with one more submodule, so its keys are the
 baseline's own (``features.*``, ``head.*``) plus ``branch.*``. A baseline checkpoint therefore loads

@@ -1,4 +1,4 @@
-"""What every evidence-map writer shares: model identity, derived UIDs, atomic files."""
+"""What the DICOM writers share: model identity, derived UIDs, orientation and body part of the source."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
-
-from bundle.files import atomic_write  # noqa: F401 (the writers' one way to write a file)
 
 RESEARCH_NOTE = "RESEARCH USE ONLY"
 # Body Part Examined defined terms (PS3.16 Annex L) of structures that have no laterality:

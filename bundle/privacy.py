@@ -11,6 +11,9 @@ DataLoader worker and the PACS node) rewrites them without the values:
   no handler or logging config a user brings can print the original;
 - ``redact`` for the failure reasons the bundle writes itself.
 
+Once values are withheld, the warnings about 1000 files with 1000 different invalid UIDs read the same:
+each such message is shown once per process (warnings, and the ``pydicom`` logger), not once per file.
+
 Quoted text and dotted numbers of UID shape become ``<withheld>``, unless the quoted text is the name
 or keyword of a DICOM attribute or UID ('Pixel Data', 'JPEG 2000'): the rest of each message
 (which attribute, which VR, what was wrong) stays, so the message is still useful.
@@ -41,7 +44,8 @@ def _dictionary_terms() -> frozenset[str]:
     from pydicom.uid import UID_dictionary
 
     attributes = {term for entry in DicomDictionary.values() for term in (entry[2], entry[4])}
-    return frozenset(attributes | {entry[0] for entry in UID_dictionary.values()} | {entry[4] for entry in UID_dictionary.values()})
+    uids = {term for entry in UID_dictionary.values() for term in (entry[0], entry[4])}
+    return frozenset(attributes | uids)
 
 
 def _withheld(match: re.Match) -> str:
@@ -58,6 +62,21 @@ def _redacted_logger(name: str) -> bool:
     return any(name == root or name.startswith(root + ".") for root in REDACTED_LOGGERS)
 
 
+class _Once(logging.Filter):
+    """Pass each (already redacted) message once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def install() -> None:
     """Rewrite warnings and the records of ``REDACTED_LOGGERS`` without values, for this process (idempotent)."""
     global _installed
@@ -70,6 +89,15 @@ def install() -> None:
         return format_warning(redact(str(message)), category, filename, lineno, line)
 
     warnings.formatwarning = formatwarning  # used by the default stderr output and logging.captureWarnings
+    show_warning, shown = warnings.showwarning, set()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        key = (redact(str(message)), category, filename, lineno)
+        if key not in shown:
+            shown.add(key)
+            show_warning(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
     make_record = logging.getLogRecordFactory()
 
     def record_factory(*args, **kwargs) -> logging.LogRecord:
@@ -86,5 +114,6 @@ def install() -> None:
         return record
 
     logging.setLogRecordFactory(record_factory)
+    logging.getLogger("pydicom").addFilter(_Once())  # pydicom logs each invalid value it warns about
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)

@@ -74,15 +74,7 @@ def process(runner, inputs: list[InferenceInput], indices) -> tuple[list[tuple[i
 def write_outputs(runner, result: InferenceResult, item: dict, maps: torch.Tensor) -> list[str]:
     """Run every writer of ``runner`` over one input (in config order), fill ``result.outputs`` and record
     the input as complete; return why writers skipped it. ``maps``: (C, S, S[, S]) on the network grid."""
-    on_grid = on_input_grid(runner.prepare, item["image"], maps)
-    case = EvidenceCase(
-        input=result.input, stem=output_stem(result.input, runner.input_dir), probabilities=result.probabilities,
-        predicted_class=result.predicted_class,
-        classes=tuple(range(maps.shape[0])) if runner.all_classes else (result.predicted_class,),
-        evidence=on_grid.detach().cpu().numpy().astype(np.float32), affine=np.asarray(on_grid.affine, np.float64),
-        network_image=network_image(item["image"]), network_maps=maps.numpy(), model=runner.model,
-        class_names=runner.class_names, sources=item["sources"], source_display=item["display"], notes=item["notes"],
-    )
+    case = evidence_case(runner, result, item, maps)
     skipped = []
     for writer in runner.writers:
         reason = writer.skip_reason(case)
@@ -94,6 +86,20 @@ def write_outputs(runner, result: InferenceResult, item: dict, maps: torch.Tenso
     if runner.completion is not None:
         runner.completion.record(result.input, result.probabilities, result.predicted_class, result.outputs, result.notes)
     return skipped
+
+
+def evidence_case(runner, result: InferenceResult, item: dict, maps: torch.Tensor) -> EvidenceCase:
+    """What the writers get for one input: ``item`` from ``InferenceDataset``, its ``maps`` (C, S, S[, S])
+    on the network grid, and the maps inverted onto the input's grid."""
+    on_grid = on_input_grid(runner.prepare, item["image"], maps)
+    return EvidenceCase(
+        input=result.input, stem=output_stem(result.input, runner.input_dir), probabilities=result.probabilities,
+        predicted_class=result.predicted_class,
+        classes=tuple(range(maps.shape[0])) if runner.all_classes else (result.predicted_class,),
+        evidence=on_grid.detach().cpu().numpy().astype(np.float32), affine=np.asarray(on_grid.affine, np.float64),
+        network_image=network_image(item["image"]), network_maps=maps.numpy(), model=runner.model,
+        class_names=runner.class_names, sources=item["sources"], source_display=item["display"], notes=item["notes"],
+    )
 
 
 def on_input_grid(prepare: Compose, image: MetaTensor, maps: torch.Tensor) -> MetaTensor:

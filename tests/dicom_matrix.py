@@ -6,16 +6,25 @@ data (colour is unsigned; YBR_FULL_422 is 8-bit and interleaved) and, for compre
 PS3.5 Section 8.2 as pydicom encodes it (``ENCODING_PROFILES``); a combination whose encoder
 is not installed is left out and listed. Sources are ultrasound (single and multi-frame), CT
 and MR (with a plane, so a Parametric Map applies), CR, Secondary Capture (single and
-multi-frame) and visible-light photographs, chosen by what each IOD allows.
+multi-frame) and visible-light photographs, chosen by colour and frame count (the same for every
+transfer syntax of one image, so their outputs can be compared); the sources are test inputs, not
+checked against their IODs.
 
-``python tests/dicom_matrix.py <folder>`` writes the files and prints the matrix.
+``python tests/dicom_matrix.py <work folder>`` writes the files, runs configs/inference.json over
+them with a tiny untrained 2D model, checks every DICOM output with dciodvfy and prints the matrix
+as docs/README.md shows it (tests/test_photometric_matrix.py asserts the same run).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import sys
-from dataclasses import dataclass
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +33,16 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import convert_color_space, get_encoder
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
     generate_uid,
 )
 
@@ -155,9 +164,13 @@ def _palette(ds: pydicom.Dataset, c: Combination) -> None:
         setattr(ds, f"{colour}PaletteColorLookupTableData", table.tobytes())
 
 
-def _sop(c: Combination, row: int) -> str:
+def _sop(c: Combination) -> str:
+    """The SOP class of the image (the same for every transfer syntax of it, so their outputs compare)."""
     choices = SOP_CLASSES[(c.samples == 3 or c.photometric == "PALETTE COLOR", c.frames > 1)]
-    sop = choices[row % len(choices)]
+    if c.photometric == "MONOCHROME1":
+        choices = [sop for sop in choices if not sop.startswith("US")]  # ultrasound is never MONOCHROME1
+    image = (c.photometric, c.bits_stored, c.signed, c.planar, c.frames)
+    sop = choices[zlib.crc32(repr(image).encode()) % len(choices)]
     if c.photometric == "PALETTE COLOR" and sop in ("VL", "SC-MF-COLOUR"):
         sop = "US" if c.frames == 1 else "US-MF"  # palette colour is an ultrasound thing
     return sop
@@ -165,7 +178,7 @@ def _sop(c: Combination, row: int) -> str:
 
 def make_source(c: Combination, row: int, study_uid: str) -> pydicom.Dataset:
     """The dataset of one row, encoded in its transfer syntax."""
-    sop = _sop(c, row)
+    sop = _sop(c)
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.SOPClassUID = SOP_CLASS_UIDS[f"{sop}-{c.bits_allocated}" if sop == "SC-MF-GREY" else sop]
@@ -179,7 +192,7 @@ def make_source(c: Combination, row: int, study_uid: str) -> pydicom.Dataset:
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     if sop in ("CT", "MR"):
         ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["matrix-frame-of-reference"])
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, float(row)], [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 1.0
         ds.RescaleIntercept, ds.RescaleSlope = (-1024 if sop == "CT" and not c.signed else 0), 1
     ds.Rows = ds.Columns = SIDE
@@ -247,8 +260,96 @@ def write_matrix(folder: Path) -> tuple[list[tuple[Combination, Path]], list[Com
     return written, missing
 
 
+@dataclass
+class MatrixRun:
+    """One inference run over the matrix: per file its combination, its records in predictions.json and
+    the dciodvfy errors of its DICOM outputs."""
+
+    rows: list[tuple[Combination, Path]]
+    missing: list[Combination]
+    out: Path
+    returncode: int
+    log: str
+    seconds: float
+    records: dict[str, list[dict]] = field(default_factory=dict)  # file name -> its inputs' records
+    errors: dict[str, list[str]] = field(default_factory=dict)  # DICOM output -> dciodvfy errors
+
+    def expected_kinds(self, c: Combination) -> set[str]:
+        """Every frame is an input with a NIfTI map, an overlay and a Secondary Capture; a single-frame
+        CT or MR image (a Frame of Reference, an image plane) also gets a Parametric Map."""
+        return {"nifti", "png", "sc"} | ({"pm"} if c.frames == 1 and _sop(c) in ("CT", "MR") else set())
+
+    def complete(self, c: Combination, path: Path) -> bool:
+        records = self.records.get(path.name, [])
+        return len(records) == c.frames and all(
+            set(r["outputs"]) == self.expected_kinds(c) and all(len(v) == 1 for v in r["outputs"].values())
+            for r in records)
+
+    def valid(self, path: Path) -> bool:
+        return all(not self.errors[name] for r in self.records.get(path.name, []) for kind in ("sc", "pm")
+                   for name in r["outputs"].get(kind, []))
+
+
+def run_matrix(work: Path, threads: int = 2) -> MatrixRun:
+    """Write the matrix into ``work/in``, run the bundle's inference over it into ``work/out`` and check
+    every DICOM output with dciodvfy (``threads`` at a time)."""
+    import torch
+
+    from bundle.networks import classifier
+    from tests.conftest import dicom_validation_errors, run_bundle
+
+    rows, missing = write_matrix(work / "in")
+    torch.manual_seed(0)
+    torch.save(classifier("resnet10", backbone_kwargs={"widen_factor": 0.125}).state_dict(), work / "model.pt")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    start = time.perf_counter()
+    result = run_bundle("--config_file", "configs/inference.json", "--input_dir", str(work / "in"), "--output_dir",
+                        str(work / "out"), "--ckpt_path", str(work / "model.pt"), "--backbone", "resnet10",
+                        "--backbone_kwargs", "{'widen_factor': 0.125}", "--image_size", "32",
+                        "--inference_tracking", "$None", env=env, timeout=1200)
+    run = MatrixRun(rows, missing, work / "out", result.returncode, result.stdout + result.stderr,
+                    time.perf_counter() - start)
+    if (work / "out" / "predictions.json").exists():
+        for record in json.loads((work / "out" / "predictions.json").read_text()):
+            run.records.setdefault(Path(record["input"]).name, []).append(record)
+    outputs = [name for records in run.records.values() for r in records for kind in ("sc", "pm")
+               for name in r["outputs"].get(kind, [])]
+    with ThreadPoolExecutor(threads) as pool:
+        run.errors = dict(zip(outputs, pool.map(lambda name: dicom_validation_errors(work / "out" / name), outputs)))
+    return run
+
+
+def markdown(run: MatrixRun) -> str:
+    """The matrix as a table: a row per image encoding, a column per transfer syntax; a cell counts the
+    frame-count variants (1 and 2 frames) whose every input yielded all its outputs, each passing dciodvfy."""
+    syntaxes = list(NATIVE + COMPRESSED)
+    table: dict[tuple, dict[UID, list[int]]] = {}
+    for c, path in run.rows:
+        row = (c.photometric, c.bits_stored, "signed" if c.signed else "unsigned", c.planar if c.samples == 3 else "")
+        cell = table.setdefault(row, {}).setdefault(c.syntax, [0, 0])
+        cell[0] += run.complete(c, path) and run.valid(path)
+        cell[1] += 1
+    lines = ["| photometric | bits | sign | planar | " + " | ".join(s.keyword.removesuffix("ImageCompression")
+                                                                 for s in syntaxes) + " |",
+             "| --- " * (4 + len(syntaxes)) + "|"]
+    for row, cells in table.items():
+        lines.append("| " + " | ".join(str(v) for v in row) + " | "
+                     + " | ".join(f"{cells[s][0]}/{cells[s][1]}" if s in cells else "-" for s in syntaxes) + " |")
+    kinds: dict[str, int] = {}
+    for records in run.records.values():
+        for r in records:
+            for kind, names in r["outputs"].items():
+                kinds[kind] = kinds.get(kind, 0) + len(names)
+    inputs = sum(c.frames for c, _ in run.rows)
+    errors = sum(len(e) for e in run.errors.values())
+    lines += ["", f"{len(run.rows)} files ({len(run.missing)} valid combinations left out: no encoder installed), "
+              f"{inputs} inputs (one per frame), {sum(len(r) for r in run.records.values())} predicted; outputs: "
+              + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+              + f"; dciodvfy: {len(run.errors)} DICOM files checked, {errors} errors"
+              + f" ({sum(1 for e in run.errors.values() if e)} files with errors); inference run {run.seconds:.0f} s."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    written, missing = write_matrix(Path(sys.argv[1]))
-    print(f"{len(written)} files; {len(missing)} valid combinations without an encoder here")
-    for c, path in written:
-        print(path.name)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(markdown(run_matrix(Path(sys.argv[1]))))

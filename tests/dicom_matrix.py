@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.pixels import convert_color_space, get_encoder
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import (
@@ -243,6 +245,15 @@ def _encode(ds: pydicom.Dataset, c: Combination, source: np.ndarray) -> None:
         array = _rgb(c.frames) if c.frames > 1 else _rgb(1)[0]  # RGB in, the encoder's transform makes it YBR
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.compress(c.syntax, array, generate_instance_uid=False, **options)
+
+
+def without_preamble(ds: pydicom.Dataset) -> bytes:
+    """The dataset alone, explicit VR little endian, as older systems wrote files: no preamble, no "DICM",
+    no file meta."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
 
 
 def write_matrix(folder: Path) -> tuple[list[tuple[Combination, Path]], list[Combination]]:

@@ -12,14 +12,13 @@ import pytest
 import torch
 from pydicom import config
 from pydicom.data import get_testdata_file
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 
 from bundle.data import load_datalist
 from bundle.inputs import discover_inputs
 from bundle.networks import classifier
 from tests.conftest import dicom_validation_errors, run_bundle
+from tests.dicom_matrix import without_preamble
 
 INVALID_STUDY_UID = "1.2.840.99999.abc.7"
 PATIENTS = {  # file -> identifying values it carries, none of which may leave the DICOM outputs
@@ -32,15 +31,6 @@ PATIENTS = {  # file -> identifying values it carries, none of which may leave t
     "rgb_ultrasound.dcm": {"PatientName": "Plmoknijb", "PatientID": "PID-9753197-XU", "PatientBirthDate": "19720808",
                            "AccessionNumber": "ACC97531"},
 }
-
-
-def without_preamble(ds: pydicom.Dataset) -> bytes:
-    """The dataset alone, explicit VR little endian, as older systems wrote files: no preamble, no "DICM",
-    no file meta."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, ds)
-    return buffer.getvalue()
 
 
 def _source(name: str, testdata: str, **values) -> pydicom.Dataset:

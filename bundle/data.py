@@ -10,6 +10,7 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from bundle.privacy import redact
 from transforms.dicom import PIXEL_KEYWORDS, read_dicom
 from transforms.readers import NIFTI_SUFFIXES
 
@@ -79,7 +80,7 @@ def image_problem(path: Path) -> str | None:
             header = nib.load(path).header
             return None if all(d > 0 for d in header.get_data_shape()) else "image has a zero-size axis"
         except Exception as err:  # nibabel raises many types for bad files
-            return f"not a readable NIfTI file ({type(err).__name__}: {err})"
+            return f"not a readable NIfTI file ({type(err).__name__}: {redact(str(err))})"
     return dicom_header(path)[1]
 
 
@@ -96,7 +97,7 @@ def dicom_header(path: Path, unreadable: str = "not a readable DICOM file") -> t
         # read_dicom also reads files without the 128-byte preamble
         ds = read_dicom(path, defer_size="1 KB")
     except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-        return None, f"{unreadable} ({type(err).__name__}: {err})"
+        return None, f"{unreadable} ({type(err).__name__}: {redact(str(err))})"
     problem = dicom_problem(ds, size)
     return (None, problem) if problem else (ds, None)
 

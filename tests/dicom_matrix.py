@@ -354,8 +354,8 @@ def markdown(run: MatrixRun) -> str:
     inputs = sum(c.frames for c, _ in run.rows)
     errors = sum(len(e) for e in run.errors.values())
     lines += ["", f"{len(run.rows)} files ({len(run.missing)} valid combinations left out: no encoder installed), "
-              f"{inputs} inputs (one per frame), {sum(len(r) for r in run.records.values())} predicted; outputs: "
-              + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+              f"{inputs} inputs (one per frame), {sum(len(r) for r in run.records.values())} predicted;",
+              "outputs: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
               + f"; dciodvfy: {len(run.errors)} DICOM files checked, {errors} errors"
               + f" ({sum(1 for e in run.errors.values() if e)} files with errors); inference run {run.seconds:.0f} s."]
     return "\n".join(lines)

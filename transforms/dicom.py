@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable, Mapping
-
 from pathlib import Path
 
 import highdicom as hd
@@ -65,10 +64,14 @@ def model_values(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
 
 
 def _first_value(ds: pydicom.Dataset, keyword: str) -> float:
-    value = ds.get(keyword)
-    if value is None or value == "":
+    """The first value of a numeric attribute, NaN when absent or not a number (some sources write junk)."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return math.nan
+        return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+    except (TypeError, ValueError, IndexError):
         return math.nan
-    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
 
 
 def image_description(ds: pydicom.Dataset) -> dict:
@@ -92,12 +95,12 @@ def image_description(ds: pydicom.Dataset) -> dict:
     }
 
 
-def dicom_frame(path: str | Path, frame: int) -> tuple[MetaTensor, pydicom.Dataset]:
+def dicom_frame(path: str | Path, frame: int, header: pydicom.Dataset | None = None) -> tuple[MetaTensor, pydicom.Dataset]:
     """Frame ``frame`` (0-based) of a multi-frame DICOM file, decoded alone (pydicom's frame-level
     decoding reads only that frame's bytes), shaped as ``DicomReader`` shapes a single-frame image:
     (cols, rows[, 3]) float32 of ``model_values`` with the same flat metadata. Also returns the file's
-    header (its pixel data left on disk)."""
-    header = read_dicom(path, defer_size="1 KB")
+    header (its pixel data left on disk): pass it back for the next frame of the same file."""
+    header = header if header is not None else read_dicom(path, defer_size="1 KB")
     syntax = header.file_meta.TransferSyntaxUID
     if syntax.is_deflated:  # frame-level reading from the file needs a plain stream: decode from the inflated dataset
         pixels = pixel_array(read_dicom(path), index=frame)

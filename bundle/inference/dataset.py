@@ -18,6 +18,8 @@ from bundle.visualize import display_rgb
 from bundle.writers.conformance import conformant
 from transforms.dicom import dicom_frame, image_description, read_dicom
 
+PER_FRAME_GROUPS = 0x52009230  # (5200,9230) Per-frame Functional Groups Sequence
+
 
 class InferenceDataset(torch.utils.data.Dataset):
     """Loads and prepares one input per item; a failure becomes an item with an ``error`` (not an exception).
@@ -38,36 +40,50 @@ class InferenceDataset(torch.utils.data.Dataset):
         self.load = load
         self.prepare = prepare
         self.spatial_dims = spatial_dims
+        self._file = None  # (path, header, conformant copy, notes) of the multi-frame file whose frames come now
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def _loaded(self, item: InferenceInput) -> tuple[dict, list]:
-        """The loaded image ({"image": MetaTensor, channel last}) and the input's DICOM headers (pixel data left on disk)."""
+    def _frame_of(self, item: InferenceInput) -> tuple[dict, dict, list, list]:
+        """A frame of a multi-frame file: consecutive frames (one batch, one worker) share its header and
+        its conformant copy, made without the per-frame functional groups (a frame's writers do not use
+        them, and a copy per frame of every frame's groups would cost the square of the frame count)."""
+        path = item.files[0]
+        if self._file is None or self._file[0] != path:
+            header = read_dicom(path, defer_size="1 KB")
+            self._file = (path, header, *conformant(header, skip={PER_FRAME_GROUPS}))
+        _, header, source, notes = self._file
+        image, _ = dicom_frame(path, item.frame, header)
+        return {"image": image}, image_description(header), [source], notes
+
+    def _loaded(self, item: InferenceInput) -> tuple[dict, dict | None, list, list]:
+        """The loaded image ({"image": MetaTensor, channel last}), the ``image_description`` of its (first)
+        DICOM header, the input's DICOM headers made conformant (``bundle.writers.conformance``, no pixel
+        data) and the notes of what that changed. NIfTI: no description, no headers."""
         if item.kind == "dicom-frame":
-            image, header = dicom_frame(item.files[0], item.frame)
-            return {"image": image}, [header]
+            return self._frame_of(item)
         headers = [read_dicom(f, defer_size="1 KB") for f in item.files] if item.kind.startswith("dicom") else []
+        sources, notes = [], []
+        for header in headers:
+            source, changes = conformant(header)
+            sources.append(source)
+            notes += [note for note in changes if note not in notes]
         if item.kind == "dicom-series":
             # the series' own files only: its folder may hold other series (MONAI stacks a whole folder)
             with tempfile.TemporaryDirectory() as folder:
                 for i, path in enumerate(item.files):
                     os.symlink(Path(path).resolve(), Path(folder) / f"{i:05d}.dcm")
-                return self.load({"image": folder}), headers
-        return self.load({"image": str(item.files[0])}), headers
+                return self.load({"image": folder}), image_description(headers[0]), sources, notes
+        return self.load({"image": str(item.files[0])}), image_description(headers[0]) if headers else None, sources, notes
 
     def __getitem__(self, index: int) -> dict:
         try:
-            loaded, headers = self._loaded(self.inputs[index])
+            loaded, description, sources, notes = self._loaded(self.inputs[index])
             dims = spatial_dims(loaded["image"])
             if dims != self.spatial_dims:
                 return {"index": index, "error": f"a {dims}D image cannot be the input of a {self.spatial_dims}D model"}
-            display = display_rgb(loaded["image"].numpy(), image_description(headers[0])) if headers else None
-            sources, notes = [], []
-            for header in headers:
-                source, changes = conformant(header)
-                sources.append(source)
-                notes += [note for note in changes if note not in notes]
+            display = display_rgb(loaded["image"].numpy(), description) if description else None
             image = self.prepare(loaded)["image"]
             if not isinstance(image, MetaTensor) or not image.applied_operations:
                 raise RuntimeError("preprocessing must keep MetaTensors (track_meta) to map evidence back")

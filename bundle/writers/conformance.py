@@ -120,12 +120,12 @@ def _check(ds: pydicom.Dataset, notes: list[str], where: str = "") -> None:
             notes.append(f"{name} ({element.VR}) dropped: does not conform to its VR")
 
 
-def _header_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """``ds`` without pixel data and ``DECODING_TAGS``, with new elements and sequence items (values are
-    immutable or copied)."""
+def _header_copy(ds: pydicom.Dataset, skip: frozenset = frozenset()) -> pydicom.Dataset:
+    """``ds`` without pixel data, ``DECODING_TAGS`` and the top-level tags ``skip``, with new elements and
+    sequence items (values are immutable or copied)."""
     header = pydicom.Dataset()
     for tag in ds.keys():
-        if tag.group == 0x7FE0 or tag in DECODING_TAGS:  # pixel data: decoded by the loader, left on disk
+        if tag.group == 0x7FE0 or tag in DECODING_TAGS or tag in skip:  # pixel data: decoded by the loader
             continue
         element = ds[tag]
         if element.VR == "SQ":
@@ -137,11 +137,11 @@ def _header_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
     return header
 
 
-def conformant(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, list[str]]:
-    """A copy of the header ``ds`` without its pixel data (and lookup tables), whose values all conform to their VRs, and
-    a note per change (keyword, VR and what was done; never a value). ``ds`` is left as it is, and
-    pixel data it left on disk (``defer_size``) is not read."""
-    header = _header_copy(ds)
+def conformant(ds: pydicom.Dataset, skip=frozenset()) -> tuple[pydicom.Dataset, list[str]]:
+    """A copy of the header ``ds`` without its pixel data (and lookup tables, and the top-level tags
+    ``skip``), whose values all conform to their VRs, and a note per change (keyword, VR and what was
+    done; never a value). ``ds`` is left as it is, and pixel data it left on disk is not read."""
+    header = _header_copy(ds, frozenset(skip))
     header.file_meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", pydicom.Dataset()))
     notes: list[str] = []
     _check(header, notes)

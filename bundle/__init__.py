@@ -6,9 +6,13 @@ imported on first use, so a tool that needs one part (the PACS node, say) does n
 
 import importlib
 
+from bundle import privacy as _privacy
+
+_privacy.install()  # before any library can print a patient's data: see bundle/privacy.py
+
 __version__ = "0.1.0"
-__all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "handlers", "inference", "inputs", "losses",
-           "networks", "pacs", "runs", "synthetic", "tracking", "visualize", "writers"]
+__all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "files", "handlers", "inference", "inputs",
+           "losses", "networks", "pacs", "privacy", "runs", "synthetic", "tracking", "visualize", "writers"]
 
 
 def __getattr__(name: str):

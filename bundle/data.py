@@ -11,6 +11,11 @@ from pathlib import Path
 import nibabel as nib
 import pydicom
 from pydicom.pixels import get_decoder
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from bundle.privacy import redact
+from transforms.dicom import PIXEL_KEYWORDS, read_dicom
+from transforms.readers import NIFTI_SUFFIXES
 
 SPLITS = ("training", "validation", "test")
 
@@ -27,12 +32,6 @@ class DatalistError(SystemExit):
         super().__init__(f"{datalist}: {len(problems)} entries cannot be used:\n  " + "\n  ".join(problems))
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mgz")
-
-
-PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
 def dicom_problem(ds: pydicom.Dataset, file_size: int | None = None) -> str | None:
     """Why the pixels of a DICOM dataset read with ``defer_size`` cannot be used, or None.
 
@@ -44,11 +43,13 @@ def dicom_problem(ds: pydicom.Dataset, file_size: int | None = None) -> str | No
         return "DICOM file holds no pixel data" + (f" ({kind})" if kind else "")
     raw = ds.get_item(present[0], keep_deferred=True)
     tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
-    if file_size is not None and tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > file_size:
+    syntax = getattr(ds, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    deflated = syntax == DeflatedExplicitVRLittleEndian  # offsets count the inflated stream, not the file
+    if file_size is not None and not deflated and tell is not None and length not in (None, 0xFFFFFFFF) \
+            and tell + length > file_size:
         return f"file is truncated ({file_size} bytes, pixel data needs {tell + length})"
     if not int(ds.get("Rows", 0)) or not int(ds.get("Columns", 0)):
         return "image has a zero-size axis"
-    syntax = getattr(ds, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
             available = get_decoder(syntax).is_available
@@ -68,8 +69,13 @@ def image_problem(path: Path) -> str | None:
     if not path.exists():
         return "file not found"
     if path.is_dir():
-        files = [f for f in sorted(path.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
-        return image_problem(files[0]) if files else "folder holds no DICOM file"
+        checked = [(f, dicom_header(f)) for f in sorted(path.iterdir()) if f.is_file()]
+        # the reader stacks the folder's DICOM images and skips other files (README, DICOMDIR, reports)
+        dicom = [(f, problem) for f, (_, problem) in checked
+                 if not (problem or "").startswith(("not a readable DICOM", "DICOM file holds no pixel data"))]
+        if not dicom:
+            return "folder holds no DICOM file"
+        return next((f"{f.name}: {problem}" for f, problem in dicom if problem), None)
     if path.stat().st_size == 0:
         return "file is empty"
     if path.name.endswith(NIFTI_SUFFIXES):
@@ -77,7 +83,7 @@ def image_problem(path: Path) -> str | None:
             header = nib.load(path).header
             return None if all(d > 0 for d in header.get_data_shape()) else "image has a zero-size axis"
         except Exception as err:  # nibabel raises many types for bad files
-            return f"not a readable NIfTI file ({type(err).__name__}: {err})"
+            return f"not a readable NIfTI file ({type(err).__name__}: {redact(str(err))})"
     return dicom_header(path)[1]
 
 
@@ -90,10 +96,11 @@ def dicom_header(path: Path, unreadable: str = "not a readable DICOM file") -> t
     if size == 0:
         return None, "file is empty"
     try:
-        # defer_size keeps the pixel data unread but its presence visible: a cheap, complete header check
-        ds = pydicom.dcmread(path, defer_size="1 KB")
+        # defer_size keeps the pixel data unread but its presence visible: a cheap, complete header check;
+        # read_dicom also reads files without the 128-byte preamble
+        ds = read_dicom(path, defer_size="1 KB")
     except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-        return None, f"{unreadable} ({type(err).__name__}: {err})"
+        return None, f"{unreadable} ({type(err).__name__}: {redact(str(err))})"
     problem = dicom_problem(ds, size)
     return (None, problem) if problem else (ds, None)
 

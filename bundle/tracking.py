@@ -146,7 +146,9 @@ class InferenceTracking:
         self.run_name = run_name
         self.max_overlays = max_overlays
 
-    def log_inference(self, runner, results, failures) -> None:
+    def log_inference(self, summary) -> None:
+        """Log ``summary`` (a ``bundle.inference.InferenceSummary``: counts, model identity, table rows
+        without paths, overlay files) as one finished run."""
         import csv
         import tempfile
 
@@ -159,30 +161,31 @@ class InferenceTracking:
         run = client.create_run(experiment_id, run_name=self.run_name)
         run_id = run.info.run_id
         try:
-            params = {"model": runner.model.name, "model_version": runner.model.version,
-                      "weights": runner.model.weights_digest, "spatial_dims": runner.spatial_dims,
-                      "all_classes": runner.all_classes}
+            params = {"model": summary.model.name, "model_version": summary.model.version,
+                      "weights": summary.model.weights_digest, "spatial_dims": summary.spatial_dims,
+                      "all_classes": summary.all_classes}
             for key, value in params.items():
                 client.log_param(run_id, key, value)
-            client.log_metric(run_id, "inputs_processed", len(results))
-            client.log_metric(run_id, "inputs_failed", len(failures))
-            for k in sorted({r.predicted_class for r in results}):
-                client.log_metric(run_id, f"predicted_{k}", sum(r.predicted_class == k for r in results))
+            client.log_metric(run_id, "inputs_processed", summary.processed + summary.resumed)
+            client.log_metric(run_id, "inputs_resumed", summary.resumed)  # done by an interrupted earlier run
+            client.log_metric(run_id, "inputs_failed", summary.failed)
+            predicted = [row[2] for row in summary.rows]
+            for k in sorted(set(predicted)):
+                client.log_metric(run_id, f"predicted_{k}", predicted.count(k))
             with tempfile.TemporaryDirectory() as folder:
                 table = Path(folder) / "predictions.csv"
                 with open(table, "w", newline="") as f:
                     writer = csv.writer(f)
-                    classes = range(len(results[0].probabilities)) if results else []
+                    classes = range(len(summary.rows[0][3])) if summary.rows else []
                     writer.writerow(["row", "kind", "frame", "predicted_class"] + [f"p_{k}" for k in classes])
-                    for i, r in enumerate(results):
-                        writer.writerow([i, r.input.kind, "" if r.input.frame is None else r.input.frame + 1,
-                                         r.predicted_class, *[f"{p:.6f}" for p in r.probabilities]])
+                    for i, (kind, frame, predicted_class, probabilities) in enumerate(summary.rows):
+                        writer.writerow([i, kind, "" if frame is None else frame, predicted_class,
+                                         *[f"{p:.6f}" for p in probabilities]])
                 client.log_artifact(run_id, str(table))
                 overlays = Path(folder) / "overlays"  # neutral names: input file names may carry UIDs
                 overlays.mkdir()
-                for i, r in enumerate(results[: self.max_overlays]):
-                    for png in r.outputs.get("png", []):
-                        shutil.copy(runner.output_dir / png, overlays / f"overlay_{i:03d}.png")
+                for i, png in enumerate(summary.overlays[: self.max_overlays]):
+                    shutil.copy(png, overlays / f"overlay_{i:03d}.png")
                 client.log_artifacts(run_id, str(overlays), "overlays")
             client.set_terminated(run_id, "FINISHED")
         except Exception:

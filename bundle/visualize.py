@@ -1,7 +1,9 @@
-"""Rendering evidence maps over their images for people to look at."""
+"""Rendering evidence maps over their images for people to look at: the one place colours, windows
+and legends are drawn (training galleries, the PNG overlays and the Secondary Captures)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +12,14 @@ matplotlib.use("Agg")  # files only: training runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+
+from transforms.intensity import window_bounds  # noqa: E402
+
+# matplotlib's jet table (256 RGB rows), looked up once: ``colormaps[...]`` copies and rebuilds it per call
+JET = colormaps["jet"](np.arange(colormaps["jet"].N))[:, :3]
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -67,3 +76,69 @@ def save_evidence_gallery(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def jet(heat: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of values in [0, 1], as ``colormaps["jet"](heat)[..., :3]`` (same table, same indexing)."""
+    return JET[np.clip((heat * len(JET)).astype(np.intp), 0, len(JET) - 1)]
+
+
+def blend_evidence(display: np.ndarray, evidence: np.ndarray, max_alpha: float = 0.6) -> np.ndarray:
+    """Jet-coloured evidence over a display image: ``display`` (rows, cols, 3) RGB, float in [0, 1] or
+    uint8, and ``evidence`` (rows, cols) on the same grid.
+
+    The map is min-max scaled; its opacity grows with the evidence (up to ``max_alpha``), so
+    regions without evidence show the image unchanged. Returns uint8 (rows, cols, 3).
+    """
+    if display.ndim != 3 or display.shape[-1] != 3 or evidence.shape != display.shape[:2]:
+        raise ValueError(f"evidence map {evidence.shape} is not on the RGB image grid {display.shape}")
+    if display.dtype == np.uint8:
+        display = display.astype(np.float32) / 255
+    span = float(evidence.max() - evidence.min())
+    heat = (evidence - evidence.min()) / span if span > 0 else np.zeros_like(evidence, dtype=np.float32)
+    alpha = max_alpha * heat[..., None]
+    return np.round(255 * ((1 - alpha) * display + alpha * jet(heat))).astype(np.uint8)
+
+
+def display_rgb(values: np.ndarray, description: dict) -> np.ndarray:
+    """A DICOM image as the loader decoded it (``transforms.dicom.model_values``, laid out (X, Y[, Z][, 3]))
+    -> uint8 RGB (X, Y[, Z], 3) as a viewer shows it.
+
+    ``description`` is ``transforms.dicom.image_description`` of the source. Greyscale: its VOI window,
+    else the 0.5-99.5 percentiles of each plane (X, Y); MONOCHROME1 inverted. Colour (RGB, YBR as
+    RGB, palette colour as RGB): scaled by its bit depth.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if int(description["samples_per_pixel"]) == 3:
+        top = float(2 ** int(description.get("bits_stored", 8)) - 1)
+        return np.round(np.clip(values / top, 0, 1) * 255).astype(np.uint8)
+    planes = values[..., None] if values.ndim == 2 else values
+    grey = np.empty(planes.shape, np.float32)
+    for z in range(planes.shape[-1]):
+        lower, upper = window_bounds(planes[..., z], description["window_center"], description["window_width"])
+        grey[..., z] = np.clip((planes[..., z] - lower) / max(upper - lower, 1e-6), 0, 1)
+    if description["photometric_interpretation"] == "MONOCHROME1":
+        grey = 1.0 - grey
+    grey = np.round(255 * grey).astype(np.uint8).reshape(values.shape)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # loading it per image costs more than drawing
+
+
+def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+    """Append a black band under the image (rows, cols, 3) uint8 with the text lines and a jet colour bar."""
+    width = rgb.shape[1]
+    font_size = max(10, width // 40)
+    font = _font(font_size)
+    band = Image.new("RGB", (width, (font_size + 4) * len(lines) + font_size + 10), "black")
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * (font_size + 4)), line, fill="white", font=font)
+    bar = (jet(np.linspace(0, 1, width // 3)) * 255).astype(np.uint8)
+    y = 4 + len(lines) * (font_size + 4)
+    band.paste(Image.fromarray(np.repeat(bar[None], font_size // 2 + 2, axis=0)), (4, y))
+    draw.text((8 + width // 3, y - 2), "less -> more evidence", fill="white", font=font)
+    return np.concatenate([rgb, np.asarray(band)], axis=0)

@@ -539,32 +539,30 @@ def measure_pipeline(input_dir: Path, work: Path, label: str, model: dict, devic
 
 
 def output_costs(input_dir: Path, out: Path, count: int = 16) -> dict[str, float]:
-    """Milliseconds per image of each output writer alone, single-threaded, on ``count`` sources."""
-    import nibabel as nib
-    import numpy as np
-    import pydicom
-    from PIL import Image
+    """Milliseconds per image of each output writer of configs/inference.json alone (the writer plug-in
+    objects an inference run uses, each writing through the atomic, fsynced file helper), single-threaded,
+    on ``count`` sources loaded as the run loads them, with random maps."""
+    from bundle.inference.loop import evidence_case
+    from bundle.inference.tables import InferenceResult
 
-    from bundle.writers import ModelIdentity, SecondaryCaptureWriter
-    from bundle.writers.secondary_capture import blend_evidence
-
-    sources = [pydicom.dcmread(f) for f in sorted(input_dir.glob("*.dcm"))[:count]]
-    writer = SecondaryCaptureWriter(ModelIdentity("benchmark", "0"))
-    maps = [np.random.default_rng(0).random((ds.Rows, ds.Columns), dtype=np.float32) for ds in sources]
-    side = min(128, *maps[0].shape)  # the overlay is drawn on the network input, 128 x 128 by default
-    writers = {
-        "RGB Secondary Capture (render, highdicom build, save)": lambda ds, m: writer.write(out / "sc.dcm", ds, m, 1, 0.5),
-        "NIfTI map (.nii.gz)": lambda ds, m: nib.save(nib.Nifti1Image(m.T, np.eye(4)), out / "map.nii.gz"),
-        "PNG overlay": lambda ds, m: Image.fromarray(
-            blend_evidence(np.zeros((side, side, 3), np.float32), m[:side, :side])).save(out / "o.png", compress_level=1),
-    }
+    runner = inference_runner(input_dir, out, out / "unused.pt", "cpu")  # the checkpoint is read only by run()
+    inputs, _ = discover_inputs(input_dir, runner.spatial_dims)
+    dataset = InferenceDataset(inputs[:count], runner.load, runner.prepare, runner.spatial_dims)
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for item in (dataset[i] for i in range(len(dataset))):
+        maps = torch.rand((2, *item["image"].shape[1:]), generator=generator)
+        result = InferenceResult(inputs[item["index"]], [0.5, 0.5], 1)
+        cases.append(evidence_case(runner, result, item, maps))
     costs = {}
-    for name, write in writers.items():
-        write(sources[0], maps[0])  # the first call pays one-off costs (font, lazy imports) a long run amortises
+    for writer in runner.writers:
+        if writer.skip_reason(cases[0]):
+            continue  # a Parametric Map needs a Frame of Reference, which the synthetic CR images have not
+        writer.write(cases[0], out)  # the first call pays one-off costs (font, lazy imports) a long run amortises
         start = time.perf_counter()
-        for ds, m in zip(sources, maps):
-            write(ds, m)
-        costs[name] = round(1000 * (time.perf_counter() - start) / len(sources), 1)
+        for case in cases:
+            writer.write(case, out)
+        costs[f"{type(writer).__name__} ({writer.kind})"] = round(1000 * (time.perf_counter() - start) / len(cases), 1)
     return costs
 
 
@@ -929,7 +927,8 @@ def _bounds_lines(report: dict) -> list[str]:
               "- **Data loading** keeps up with every training step measured here: the step, not the data path, bounds training."]
     lines += [
         "",
-        "Each output writer of the inference pipeline alone, per image, single-threaded, after one warm-up call (same run):",
+        "Each output writer of configs/inference.json alone (its plug-in object, writing atomically with fsync), per",
+        "image, single-threaded, after one warm-up call (same run):",
         "",
         "| output | ms per image |",
         "| --- | --- |",

@@ -66,6 +66,11 @@ def test_bad_inputs_are_listed_and_the_rest_processed(inference_2d):
         assert row["model_version"] == "0.1.0" and len(row["weights"]) == 12
 
 
+def test_the_log_has_no_line_per_file_for_a_reader_that_does_not_apply(inference_2d):
+    _, result, _ = inference_2d
+    assert "unable to load" not in result.stdout + result.stderr  # NIfTI is not tried as DICOM, nor DICOM as NIfTI
+
+
 def test_every_dicom_output_passes_dciodvfy(inference_2d):
     out, _, _ = inference_2d
     files = sorted((out / "dicom").rglob("*.dcm"))
@@ -216,3 +221,27 @@ if __name__ == "__main__":
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "processed 3 failed 0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_writers_are_chosen_in_the_config_and_later_ones_see_what_earlier_ones_wrote(tmp_path):
+    """Writers are config ids: this run lists the Secondary Capture and Parametric Map writers and a plug-in
+    from outside the bundle (tests/plugin_writers.py), and leaves the NIfTI and PNG writers out."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    ckpt = _checkpoint(tmp_path / "model.pt", 2)
+    writers = "['@secondary_capture_writer', '@parametric_map_writer', {'_target_': 'tests.plugin_writers.ReferenceListWriter'}]"
+    result = _infer(folder, tmp_path / "out", ckpt, "--writers", writers, "--inference_tracking", "$None")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(record["outputs"]) == ["pm", "references", "sc"]
+    assert not (tmp_path / "out" / "maps").exists() and not (tmp_path / "out" / "overlays").exists()
+    listing = json.loads((tmp_path / "out" / record["outputs"]["references"][0]).read_text())
+    assert listing["sources"] == [pydicom.dcmread(folder / "ct.dcm").SOPInstanceUID]
+    for entry in listing["objects"]:
+        written = pydicom.dcmread(tmp_path / "out" / entry["path"])
+        assert (entry["sop_class_uid"], entry["sop_instance_uid"], entry["series_instance_uid"]) == (
+            written.SOPClassUID, written.SOPInstanceUID, written.SeriesInstanceUID)
+    assert sorted(e["kind"] for e in listing["objects"]) == ["pm", "sc"]

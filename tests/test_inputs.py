@@ -39,3 +39,21 @@ def test_a_3d_model_gets_series_as_volumes(mixed_folder):
 def test_a_missing_input_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="input folder not found"):
         discover_inputs(tmp_path / "nowhere", 2)
+
+
+def test_deflated_and_preamble_less_files_are_inputs_and_junk_is_not(tmp_path):
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.dicom_matrix import without_preamble
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    ds.decompress()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)  # smaller than its inflated pixel data
+    (tmp_path / "old_style.dcm").write_bytes(without_preamble(pydicom.dcmread(get_testdata_file("CT_small.dcm"))))
+    (tmp_path / "junk.dcm").write_bytes(b"\x08\x00\x10\x00" + b"junk" * 100)
+    inputs, failures = discover_inputs(tmp_path, spatial_dims=2)
+    assert sorted(i.name.removeprefix(str(tmp_path) + "/") for i in inputs) == [
+        "deflated.dcm#frame1", "deflated.dcm#frame2", "old_style.dcm"]
+    assert [(f.path.name, f.reason.split(" (")[0]) for f in failures] == [("junk.dcm", "not a readable DICOM or NIfTI file")]

@@ -87,6 +87,14 @@ def test_a_folder_without_bad_inputs_ends_every_process_with_status_0(mixed_fold
     assert sorted(re.findall(r"process (\d) of 2: (\d+) of 4 inputs", result.stdout)) == [("0", "2"), ("1", "2")]
     assert len(_rows(tmp_path / "out" / "predictions.csv")) == 4 and _rows(tmp_path / "out" / "failures.csv") == []
     assert not (tmp_path / "out" / ".shards").exists()
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "dicom").rglob("*.dcm")}
+    predictions = _rows(tmp_path / "out" / "predictions.csv")
+    again = _torchrun(folder, tmp_path / "out", checkpoint, _env())  # the same run again: every input is done
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(re.findall(r"process (\d) of 2: (\d+) of 4 inputs \((\d+) done by an earlier run", again.stdout)) == [
+        ("0", "0", "4"), ("1", "0", "4")]
+    assert _rows(tmp_path / "out" / "predictions.csv") == predictions  # the tables, from the completion records
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "dicom").rglob("*.dcm")} == written
 
 
 def test_each_process_takes_its_own_share_of_the_inputs(runs):

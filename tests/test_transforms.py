@@ -1,3 +1,4 @@
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -120,3 +121,54 @@ def test_compressed_transfer_syntaxes_decode(name, syntax):
 def test_lossless_jpeg2000_decodes_to_the_uncompressed_pixels():
     compressed = load(get_testdata_file("MR_small_jp2klossless.dcm"))
     assert torch.equal(compressed, load(get_testdata_file("MR_small.dcm")))
+
+
+def test_palette_colour_is_loaded_through_its_lookup_tables():
+    path = get_testdata_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    image = LoadImaged("image", reader=transforms.medical_image_readers(), image_only=True)({"image": path})["image"]
+    assert image.shape == (ds.Columns, ds.Rows, 3) and image.meta["samples_per_pixel"] == 3
+    expected = pydicom.pixels.apply_color_lut(ds.pixel_array, ds).astype(np.float32)
+    assert torch.equal(image, torch.as_tensor(np.swapaxes(expected, 0, 1)))
+    assert load(path).shape == (3, ds.Columns, ds.Rows)  # channel first, like any colour image
+
+
+def test_a_frame_is_decoded_alone_as_the_whole_file_decodes_it():
+    path = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    whole = pydicom.dcmread(path).pixel_array
+    for frame in (0, 1):
+        image, header = transforms.dicom_frame(path, frame)
+        assert torch.equal(image, torch.as_tensor(np.swapaxes(whole[frame], 0, 1).astype(np.float32)))
+        assert header.SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID and "PixelData" in header
+
+
+def test_a_multiframe_image_that_is_not_a_volume_is_laid_out_frames_last():
+    path = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    whole = pydicom.dcmread(path).pixel_array  # (frames, rows, cols, 3)
+    image = LoadImaged("image", reader=transforms.DicomReader(), image_only=True)({"image": path})["image"]
+    assert image.shape == (whole.shape[2], whole.shape[1], 2, 3)
+    assert torch.equal(image[..., 1, :], torch.as_tensor(np.swapaxes(whole[1], 0, 1).astype(np.float32)))
+
+
+def test_a_pixel_spacing_with_a_zero_is_ignored_rather_than_giving_a_singular_affine(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelSpacing = [0, 0]
+    ds.save_as(tmp_path / "zero.dcm")
+    affine = load(tmp_path / "zero.dcm").affine.numpy()
+    assert np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0
+
+
+def test_one_reader_reads_nifti_and_dicom_without_a_line_per_file(caplog):
+    nifti = nibabel.__file__.rsplit("/", 1)[0] + "/tests/data/anatomical.nii"
+    with caplog.at_level(logging.DEBUG):
+        for path in (nifti, get_testdata_file("CT_small.dcm")):
+            load(path)
+    assert [r.getMessage() for r in caplog.records if r.name == "LoadImage"] == []
+
+
+def test_a_series_folder_skips_files_that_are_not_dicom_images(tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests/77654033/CT2", folder)
+    (folder / "notes.txt").write_text("not a DICOM file")
+    shutil.copy(get_testdata_file("DICOMDIR"), folder / "DICOMDIR")  # DICOM, but no image
+    assert load(folder).shape == (1, 16, 16, 4)

@@ -14,6 +14,7 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
+from bundle.files import atomic_write
 from bundle.pacs.config import Endpoint
 from bundle.pacs.protocol import PacsError, StoreOutcome, instance_file_name
 
@@ -102,9 +103,8 @@ class DicomWebService:
                 instances = self.client.iter_study(study_uid)
             for ds in instances:
                 path = folder / instance_file_name(str(ds.SOPInstanceUID))
-                tmp = path.with_name(path.name + ".part")
-                ds.save_as(tmp, enforce_file_format=True)
-                tmp.replace(path)
+                with atomic_write(path) as tmp:
+                    ds.save_as(tmp, enforce_file_format=True)
                 count += 1
         except requests.RequestException as err:
             raise self._error("WADO-RS", err) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import secrets
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 
+from bundle.files import atomic_write
 from bundle.pacs.config import RetryPolicy
 from bundle.pacs.protocol import PacsError, Sender, with_retries
 from bundle.pacs.runner import InferenceOutcome
@@ -108,16 +108,11 @@ class Job:
         return cls(folder=folder, **state)
 
     def save(self) -> None:
-        """Write ``job.json`` whole or not at all (temporary file, flush, rename)."""
+        """Write ``job.json`` whole or not at all (``bundle.files.atomic_write``)."""
         state = asdict(self)
         del state["folder"]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (self.STATE_FILE + ".part")
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / self.STATE_FILE)
+        with atomic_write(self.folder / self.STATE_FILE) as tmp:
+            tmp.write_text(json.dumps(state, indent=1))
 
     def pending(self) -> list[ResultFile]:
         return [f for f in self.files if f.state == PENDING]

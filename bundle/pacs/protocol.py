@@ -4,12 +4,12 @@ outcomes, the retriever and sender interfaces, and quiet network-library loggers
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
+from bundle.files import write_durably  # noqa: F401 (the node and the DIMSE client write received instances with it)
 from bundle.pacs.config import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -70,23 +70,6 @@ def instance_file_name(sop_instance_uid: str) -> str:
     import hashlib
 
     return hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:24] + ".dcm"
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` under a temporary name, flush it to disk, then rename: a reader (or
-    a restart) sees the whole file or none, and a success reported after this survives a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a power cut too
-    finally:
-        os.close(directory)
 
 
 def quiet_network_loggers() -> None:

@@ -1,20 +1,27 @@
-"""Writers that turn evidence maps into files: DICOM Secondary Capture and Parametric Map."""
+"""Writers of an inference run's outputs, as plug-ins listed in configs/inference.json (``writers``).
 
-import logging
+Each implements ``bundle.writers.base.EvidenceWriter``: the NIfTI map, the PNG overlay, the DICOM
+Secondary Capture and the DICOM Parametric Map. A new output is one more class and one more config id.
+"""
 
-from bundle.writers.common import ModelIdentity, atomic_write, derived_uid
+from bundle.files import atomic_write
+from bundle.writers.base import EvidenceCase, EvidenceWriter, WrittenOutput
+from bundle.writers.common import ModelIdentity, derived_uid
+from bundle.writers.nifti import NiftiMapWriter
+from bundle.writers.overlay import OverlayPngWriter
 from bundle.writers.parametric_map import ParametricMapNotApplicable, ParametricMapWriter
 from bundle.writers.secondary_capture import SecondaryCaptureWriter
 
-# highdicom logs the source's SOP Instance UID at INFO level for every object it builds: UIDs
-# identify patients, so they must not reach the logs whatever logging config a user runs with.
-logging.getLogger("highdicom").setLevel(logging.WARNING)
-
 __all__ = [
+    "EvidenceCase",
+    "EvidenceWriter",
     "ModelIdentity",
+    "NiftiMapWriter",
+    "OverlayPngWriter",
     "ParametricMapNotApplicable",
     "ParametricMapWriter",
     "SecondaryCaptureWriter",
+    "WrittenOutput",
     "atomic_write",
     "derived_uid",
 ]

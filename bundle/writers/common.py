@@ -1,13 +1,8 @@
-"""What every evidence-map writer shares: model identity, derived UIDs, atomic files."""
+"""What the DICOM writers share: model identity, derived UIDs, orientation and body part of the source."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -45,24 +40,6 @@ def derived_uid(source_uid: str, model: ModelIdentity, what: str) -> str:
     receives it again does not store a duplicate.
     """
     return generate_uid(entropy_srcs=[source_uid, model.name, model.version, model.weights_digest, what])
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    An interrupted or failed write leaves no half-written file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:

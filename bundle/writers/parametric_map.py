@@ -9,7 +9,10 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, atomic_write, copy_body_part, derived_uid
+from bundle.files import atomic_write
+from bundle.writers.base import EvidenceCase, EvidenceWriter, WrittenOutput
+from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, copy_body_part, derived_uid
+from bundle.writers.planes import source_planes
 from transforms.dicom import is_enhanced_volume
 
 
@@ -18,35 +21,67 @@ class ParametricMapNotApplicable(ValueError):
     Parametric Map cannot be placed on it, and the Secondary Capture alone carries the evidence."""
 
 
-class ParametricMapWriter:
-    """Write the raw float32 evidence of one source image (or one series) as a Parametric Map.
+def plane_problem(sources: list[pydicom.Dataset]) -> str | None:
+    """Why a Parametric Map cannot be placed on ``sources`` (no Frame of Reference, no image plane), or None."""
+    first = sources[0]
+    plane = () if is_enhanced_volume(first) else ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+    missing = [k for k in ("FrameOfReferenceUID", *plane) if k not in first]
+    if not missing:
+        return None
+    what = "Frame of Reference" if "FrameOfReferenceUID" in missing else "image plane (" + ", ".join(missing) + ")"
+    return f"{first.get('Modality', 'this')} image has no {what}: no Parametric Map, the Secondary Capture carries the evidence"
 
-    Only for sources with a Frame of Reference and an image plane (CT, MR, ...); for others ``build``
-    raises ``ParametricMapNotApplicable`` with the reason, so callers can log it and go on. Values are stored
-    as they came out of the model with an identity real world value mapping (no unit).
-    UIDs derive from the sources and the model, as for the Secondary Captures.
+
+class ParametricMapWriter(EvidenceWriter):
+    """The raw float32 evidence of each written class over one source image (or series, or enhanced
+    multi-frame volume) as a Parametric Map: ``dicom/parametric_map/<SOP Instance UID>.dcm``.
+
+    Only for sources with a Frame of Reference and an image plane (CT, MR, ...); for others, and for
+    single frames of multi-frame files (which would need per-frame references), ``skip_reason`` says
+    why. Values are stored as they came out of the model with an identity real world value mapping
+    (no unit). UIDs derive from the sources and the model, as for the Secondary Captures.
     """
 
-    def __init__(self, model: ModelIdentity, series_number: int = 9002):
-        self.model = model
+    kind = "pm"
+
+    def __init__(self, series_number: int = 9002, folder: str = "dicom/parametric_map"):
         self.series_number = series_number
+        self.folder = folder
 
-    def sop_instance_uid(self, sources: list[pydicom.Dataset], class_name: str) -> str:
+    def skip_reason(self, case: EvidenceCase) -> str | None:
+        if not case.sources:
+            return f"{case.input.kind} inputs have no DICOM source: no Parametric Map"
+        if case.input.kind == "dicom-frame":
+            return "single frames of multi-frame images get no Parametric Map: the Secondary Captures carry the evidence"
+        return plane_problem(case.sources)
+
+    def sop_instance_uid(self, model: ModelIdentity, sources: list[pydicom.Dataset], class_name: str) -> str:
         """The map's SOP Instance UID: derived from every source instance, the class and the model."""
-        return derived_uid("/".join(ds.SOPInstanceUID for ds in sources), self.model, f"parametric-map/{class_name}")
+        return derived_uid("/".join(ds.SOPInstanceUID for ds in sources), model, f"parametric-map/{class_name}")
 
-    def build(self, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> hd.pm.ParametricMap:
+    def file_names(self, case: EvidenceCase) -> list[str]:
+        return [f"{self.folder}/{self.sop_instance_uid(case.model, case.sources, case.class_name(k))}.dcm"
+                for k in case.classes]
+
+    def write(self, case: EvidenceCase, output_dir: Path) -> list[WrittenOutput]:
+        written = []
+        for k, name in zip(case.classes, self.file_names(case)):
+            planes = source_planes(case, case.evidence[k])  # (n, rows, cols) in source order
+            pm = self.build(case.sources, planes if len(planes) > 1 else planes[0], case.class_name(k), case.model)
+            with atomic_write(Path(output_dir) / name) as tmp:
+                pm.save_as(tmp, enforce_file_format=True)
+            written.append(WrittenOutput(name, k, pm.SOPClassUID, pm.SOPInstanceUID, pm.SeriesInstanceUID))
+        return written
+
+    def build(self, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str,
+              model: ModelIdentity) -> hd.pm.ParametricMap:
         """``evidence``: (rows, cols) for one source image, (n, rows, cols) for n source slices, or
-        (frames, rows, cols) for one enhanced multi-frame source (its plane positions in its functional groups)."""
+        (frames, rows, cols) for one enhanced multi-frame source (its plane positions in its functional
+        groups). Raises ``ParametricMapNotApplicable`` where ``plane_problem`` finds one."""
+        problem = plane_problem(sources)
+        if problem:
+            raise ParametricMapNotApplicable(problem)
         first = sources[0]
-        plane = () if is_enhanced_volume(first) else ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-        missing = [k for k in ("FrameOfReferenceUID", *plane) if k not in first]
-        if missing:
-            what = "Frame of Reference" if "FrameOfReferenceUID" in missing else "image plane (" + ", ".join(missing) + ")"
-            raise ParametricMapNotApplicable(
-                f"{first.get('Modality', 'this')} image has no {what}: no Parametric Map, "
-                "the Secondary Capture carries the evidence"
-            )
         values = np.asarray(evidence, dtype=np.float32)
         if values.ndim == 2:
             values = values[None]
@@ -61,17 +96,17 @@ class ParametricMapWriter:
             slope=1.0,
             intercept=0.0,
         )
-        return hd.pm.ParametricMap(
+        pm = hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=values,
-            series_instance_uid=derived_uid(first.SeriesInstanceUID, self.model, "parametric-map-series"),
+            series_instance_uid=derived_uid(first.SeriesInstanceUID, model, "parametric-map-series"),
             series_number=self.series_number,
-            sop_instance_uid=self.sop_instance_uid(sources, class_name),
+            sop_instance_uid=self.sop_instance_uid(model, sources, class_name),
             instance_number=1,
-            manufacturer=self.model.manufacturer,
-            manufacturer_model_name=self.model.name[:64],
-            software_versions=self.model.version,
-            device_serial_number=self.model.weights_digest or "none",
+            manufacturer=model.manufacturer,
+            manufacturer_model_name=model.name[:64],
+            software_versions=model.version,
+            device_serial_number=model.weights_digest or "none",
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             # LINEAR_EXACT: evidence can span less than 1, which a LINEAR window may not
@@ -83,13 +118,7 @@ class ParametricMapWriter:
             content_description=f"SoftCAM class evidence, {RESEARCH_NOTE}"[:64],
             content_qualification=hd.ContentQualificationValues.RESEARCH,
         )
-
-    def write(self, path: Path, sources: list[pydicom.Dataset], evidence: np.ndarray, class_name: str) -> Path:
-        """Build the Parametric Map and write it to ``path`` atomically (temporary name, then rename)."""
-        pm = self.build(sources, evidence, class_name)
         pm.SeriesDescription = f"SoftCAM evidence values ({RESEARCH_NOTE})"[:64]
-        pm.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {self.model.description}"[:1024]
-        copy_body_part(sources[0], pm)
-        with atomic_write(Path(path)) as tmp:
-            pm.save_as(tmp, enforce_file_format=True)
-        return Path(path)
+        pm.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {model.description}"[:1024]
+        copy_body_part(first, pm)
+        return pm

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -149,22 +146,3 @@ def load_datalist(dataset_dir: str | Path, filename: str = "datalist.json", num_
     if problems:
         raise DatalistError(problems, datalist_path)
     return datalist
-
-
-@contextmanager
-def dicom_values_unspoken() -> Iterator[None]:
-    """Read DICOM inside this block without pydicom quoting values (UIDs, IDs) in warnings or logs.
-
-    pydicom validates each value when it is first used and reports an odd one through both
-    ``warnings`` and its logger, value included; identifiers must not reach stderr or logs. The
-    values are still read as they are.
-    """
-    settings = pydicom.config.settings
-    mode = settings.reading_validation_mode
-    settings.reading_validation_mode = pydicom.config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        settings.reading_validation_mode = mode

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 
-from bundle.data import NIFTI_SUFFIXES, dicom_values_unspoken
+from bundle.data import NIFTI_SUFFIXES
 from bundle.inputs import discover_inputs
 from bundle.label_table import KEYS, LabelTable
 from bundle.splits import SPLITS, grouped_stratified_split, patient_groups
@@ -70,8 +70,7 @@ def find_export_images(images_dir: Path, spatial_dims: int,
 
     ``exclude``: files and folders that are not images even when inside (the labels, the masks).
     """
-    with dicom_values_unspoken():
-        inputs, failures = discover_inputs(images_dir, spatial_dims)
+    inputs, failures = discover_inputs(images_dir, spatial_dims)
     excluded = lambda p: any(p == e or e in p.parents for e in exclude)  # noqa: E731
     inputs = [i for i in inputs if not excluded(i.files[0])]
     failures = [f for f in failures if not excluded(f.path)]
@@ -108,12 +107,11 @@ def read_identifiers(image: ExportImage, all_instances: bool) -> dict[str, set[s
     """
     values: dict[str, set[str]] = defaultdict(set)
     for f in image.files if all_instances else image.files[:1]:
-        with dicom_values_unspoken():
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=IDENTIFIER_TAGS)
-            for keyword in IDENTIFIER_TAGS:
-                value = str(ds.get(keyword, "") or "").strip()
-                if value:
-                    values[keyword].add(value)
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=IDENTIFIER_TAGS)
+        for keyword in IDENTIFIER_TAGS:
+            value = str(ds.get(keyword, "") or "").strip()
+            if value:
+                values[keyword].add(value)
     return values
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.data import SPLITS, DatalistError, dicom_values_unspoken, load_datalist  # noqa: E402
+from bundle.data import SPLITS, DatalistError, load_datalist  # noqa: E402
 from bundle.datalist_builder import build_datalist, datalist_json  # noqa: E402
 from bundle.label_table import KEYS, LabelTableError, read_label_table  # noqa: E402
 from bundle.pacs.protocol import write_durably  # noqa: E402
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     write_durably(out, datalist_json(build, classes).encode())  # whole file or none
     print(f"wrote {out}")
     try:
-        with dicom_values_unspoken():
-            checked = load_datalist(out.parent, out.name, num_classes=len(classes) if classes else None)
+        checked = load_datalist(out.parent, out.name, num_classes=len(classes) if classes else None)
     except DatalistError as err:
         print(f"datalist check failed: {err}", file=sys.stderr)
         return 1

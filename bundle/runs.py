@@ -14,7 +14,6 @@ import logging
 import random
 import re
 import secrets
-import time
 import zipfile
 from datetime import datetime
 from pathlib import Path

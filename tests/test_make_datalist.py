@@ -1,9 +1,7 @@
 """scripts/make_datalist.py: a PACS export and a CSV of labels to a datalist, split by patient."""
 
 import csv
-import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys

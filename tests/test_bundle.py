@@ -61,8 +61,9 @@ def test_training_is_tracked_in_mlflow(trained_softcam):
     assert len(client.get_metric_history(train_run.info.run_id, "accuracy")) == 2
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"model.pt", "train.json", "metadata.json"} <= artifacts
-    gallery = {a.path for a in client.list_artifacts(train_run.info.run_id, "evidence_gallery")}
-    assert gallery == {"evidence_gallery/epoch_001.png", "evidence_gallery/epoch_002.png"}
+    gallery = [a.path for a in client.list_artifacts(train_run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(path.split("+")[:3] for path in gallery) == [  # an MLflow image per epoch, the epoch its step
+        ["images/evidence_gallery", "step", "1"], ["images/evidence_gallery", "step", "2"]]
 
 
 def test_evaluation_scores_the_test_split_and_is_tracked(trained_softcam, dataset_2d):

@@ -151,13 +151,14 @@ class Reviewer:
 
 
 def main(out: Path, images: Path) -> None:
-    """Make the tiny store of tests/test_mlflow_review.py under ``out``, run its browser checks, and
-    copy their screenshots to ``images``."""
+    """Make the tiny store of tests/test_mlflow_review.py under ``out`` (unless it is there), run its
+    browser checks, and copy their screenshots to ``images``."""
     from bundle.synthetic import make_dataset
     from tests import test_mlflow_review as review
 
-    make_dataset(out / "data", dims=2, n=24, seed=3, size=64)
-    review.make_review_store(out / "data", out)
+    if not (out / "eval" / "mlflow.db").is_file():
+        make_dataset(out / "data", dims=2, n=24, seed=3, size=64)
+        review.make_review_store(out / "data", out)
     with mlflow_server(out / "eval" / "mlflow.db", out / "server.log") as url, chromium() as driver:
         reviewer = (Reviewer(driver, url), out)
         review.test_in_the_browser_training_runs_sort_by_test_auc_with_evaluations_system_metrics_and_galleries(reviewer)

@@ -12,7 +12,7 @@ from monai.utils import flatten_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from bundle.networks.classifier import ImageClassifier
-from bundle.tracking import log_image, prepared_uri, tracking_client, training_run_tags
+from bundle.tracking import image_steps, log_image, prepared_uri, tracking_client, training_run_tags
 from bundle.visualize import save_evidence_gallery
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ class EvidenceGalleryHandler:
     through the epochs with a slider.
 
     The images are taken from the evaluator's own batches, so they are exactly what it scored.
-    Maps are drawn in float32, outside any autocast.
+    Maps are drawn in float32, outside any autocast. A resumed training draws again the epochs
+    between its last saved state and the interruption: an epoch the run holds an image of already
+    is not logged twice.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class EvidenceGalleryHandler:
         self.enabled = enabled
         self._images: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._logged: set[int] | None = None  # the epochs the run holds a gallery of
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -80,7 +83,11 @@ class EvidenceGalleryHandler:
                               title=f"validation epoch {engine.state.epoch}")
         if self.tracking:
             try:
-                log_image(*self.tracking, path, key="evidence_gallery", step=engine.state.epoch)
+                if self._logged is None:
+                    self._logged = set(image_steps(tracking_client(self.tracking[0]), self.tracking[1], "evidence_gallery"))
+                if engine.state.epoch not in self._logged:
+                    log_image(*self.tracking, path, key="evidence_gallery", step=engine.state.epoch)
+                    self._logged.add(engine.state.epoch)
             except Exception as err:  # tracking must never stop training
                 logger.warning("could not log %s to MLflow: %s", path.name, err)
 

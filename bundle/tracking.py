@@ -190,6 +190,22 @@ def reopen_run(uri: str, run_id: str, params: dict | None = None) -> str:
     return run_id
 
 
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which run ``run_id`` holds the MLflow image ``key``, sorted (with repeats).
+
+    MLflow keeps no index of them: each is a file ``images/<key>+step+<n>+timestamp+...png`` (older
+    MLflow versions: ``%`` for ``+``), read back here as MLflow's UI reads it."""
+    import re
+
+    steps = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rsplit("/", 1)[-1]
+        match = re.fullmatch(r"(.+?)([+%])step\2(\d+)\2timestamp\2\d+\2[^+%]+\.png", name)
+        if match and match.group(1).replace("~", "/").replace("#", "/") == key:
+            steps.append(int(match.group(3)))
+    return sorted(steps)
+
+
 def log_image(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
     """Log the image file ``path`` into run ``run_id`` as an MLflow image ``key`` at ``step``: the
     UI's image view of the run shows one image per key with a slider over the steps."""

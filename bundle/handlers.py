@@ -121,9 +121,13 @@ class SystemMetrics:
     def start(self, engine: Engine | None = None) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.sampling_interval,
-                                            resume_logging=self.resume, tracking_uri=self.tracking_uri)
-        self.monitor.start()
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.sampling_interval,
+                                                resume_logging=self.resume, tracking_uri=self.tracking_uri)
+            self.monitor.start()
+        except Exception as err:  # tracking must never stop training
+            logger.warning("no system metrics for this run: %s", err)
+            self.monitor = None
 
     def finish(self, engine: Engine | None = None) -> None:
         """Stop sampling and log what is waiting, with one last sample (a training that raises leaves
@@ -134,9 +138,12 @@ class SystemMetrics:
         monitor.finish()
         # MLflow's monitor drops the samples of its last, unfinished interval: without this a training
         # shorter than one interval would have no system metrics at all
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # tracking must never stop training
+            logger.warning("could not log the last system metrics: %s", err)
 
 
 class TrainingRunTestMetrics:

@@ -115,8 +115,9 @@ def experiment_id(client, name: str, uri: str) -> str:
 
 
 def tag_experiment_kind(client, experiment) -> None:
-    """Tag ``experiment`` (an MLflow Experiment) with :data:`EXPERIMENT_KIND` unless it has a kind
-    already (an experiment made by an older version, or by MONAI's handler); a kind a user chose stays."""
+    """Tag ``experiment`` (an MLflow Experiment) with :data:`EXPERIMENT_KIND` unless it has a kind:
+    experiments made by an earlier version of the bundle or by MONAI's handler get one; a kind a
+    user chose stays."""
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
@@ -155,15 +156,14 @@ def link_to_training(uri: str, run_id: str, checkpoint: str | Path | None) -> No
         client.set_tag(run_id, key, value)
 
 
-def open_run(uri: str, experiment_name: str, run_name: str, checkpoint: str | Path | None = None,
-             tags: dict[str, str] | None = None) -> str:
+def open_run(uri: str, experiment_name: str, run_name: str, checkpoint: str | Path | None = None) -> str:
     """Create a new run (status RUNNING) and return its id. Runs are told apart by id, never by name.
 
     ``checkpoint``: the model the run uses; the run is linked to the training run that wrote it
     (:func:`training_run_tags`, nested when that run is in the same experiment)."""
     client = tracking_client(uri)
     experiment = experiment_id(client, experiment_name, uri)
-    tags = {**training_run_tags(client, checkpoint, nest_in=experiment), **(tags or {})}
+    tags = training_run_tags(client, checkpoint, nest_in=experiment)
     return client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
 
 

@@ -30,13 +30,15 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # dciodvfy (dicom3tools) checks every DICOM file the tests write; Orthanc with its DICOMweb plugin
-# is the real PACS the PACS tests start on loopback ports.
-APT_TEST_PACKAGES := dicom3tools orthanc orthanc-dicomweb
+# is the real PACS the PACS tests start on loopback ports; headless Chromium (with chromedriver, for
+# Selenium) opens MLflow's UI as a reviewer does.
+APT_TEST_PACKAGES := dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test]"
-	{ command -v dciodvfy && test -x /usr/sbin/Orthanc && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } >/dev/null \
+	{ command -v dciodvfy && test -x /usr/sbin/Orthanc && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+		&& test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } >/dev/null \
 		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PACKAGES); } \
-		|| echo "could not install $(APT_TEST_PACKAGES): the DICOM validation and PACS tests will say so and skip"
+		|| echo "could not install $(APT_TEST_PACKAGES): the DICOM validation, PACS and browser tests will say so and skip"
 	touch $@
 
 install-test: $(VENV)/.installed-test

@@ -12,7 +12,7 @@ from monai.utils import flatten_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from bundle.networks.classifier import ImageClassifier
-from bundle.tracking import log_artifact, prepared_uri, tracking_client
+from bundle.tracking import image_steps, log_image, prepared_uri, tracking_client, training_run_tags
 from bundle.visualize import save_evidence_gallery
 
 logger = logging.getLogger(__name__)
@@ -21,10 +21,14 @@ logger = logging.getLogger(__name__)
 class EvidenceGalleryHandler:
     """After every validation epoch, draw the first ``num_images`` validation images with the
     evidence maps of their predicted class, save ``gallery_dir/epoch_XXX.png`` and log it into
-    the MLflow run ``run_id`` at ``tracking_uri`` (None: disk only).
+    the MLflow run ``run_id`` at ``tracking_uri`` (None: disk only) as the MLflow image
+    ``evidence_gallery`` with the epoch as its step, so the run's images in MLflow's UI step
+    through the epochs with a slider.
 
     The images are taken from the evaluator's own batches, so they are exactly what it scored.
-    Maps are drawn in float32, outside any autocast.
+    Maps are drawn in float32, outside any autocast. A resumed training draws again the epochs
+    between its last saved state and the interruption: an epoch the run holds an image of already
+    is not logged twice.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class EvidenceGalleryHandler:
         self.enabled = enabled
         self._images: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._logged: set[int] | None = None  # the epochs the run holds a gallery of
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -78,9 +83,100 @@ class EvidenceGalleryHandler:
                               title=f"validation epoch {engine.state.epoch}")
         if self.tracking:
             try:
-                log_artifact(*self.tracking, path, "evidence_gallery")
+                if self._logged is None:
+                    self._logged = set(image_steps(tracking_client(self.tracking[0]), self.tracking[1], "evidence_gallery"))
+                if engine.state.epoch not in self._logged:
+                    log_image(*self.tracking, path, key="evidence_gallery", step=engine.state.epoch)
+                    self._logged.add(engine.state.epoch)
             except Exception as err:  # tracking must never stop training
                 logger.warning("could not log %s to MLflow: %s", path.name, err)
+
+
+class SystemMetrics:
+    """MLflow's system metrics monitor over a training: CPU and memory use, disk, network and, with
+    ``nvidia-ml-py`` on an NVIDIA GPU, GPU use and memory, logged into run ``run_id`` as
+    ``system/...`` every ``sampling_interval`` seconds (the step counts the samples) from the
+    engine's start to its end.
+
+    MLflow starts its monitor with ``mlflow.start_run`` when system metrics logging is enabled; our
+    runs are created by id and logged by MONAI's handler through a client, so the monitor is started
+    here on the run's id. ``resume``: continue the steps of a resumed run. Enable it on one process
+    (rank 0 under torchrun): each would log the same machine's figures into the same run.
+    """
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, sampling_interval: float = 10.0,
+                 resume: bool = False, enabled: bool = True):
+        self.tracking_uri = prepared_uri(tracking_uri) if tracking_uri else None
+        self.run_id = run_id
+        self.sampling_interval = sampling_interval
+        self.resume = resume
+        self.enabled = enabled and bool(tracking_uri and run_id)
+        self.monitor = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self.start)
+            engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def start(self, engine: Engine | None = None) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.sampling_interval,
+                                                resume_logging=self.resume, tracking_uri=self.tracking_uri)
+            self.monitor.start()
+        except Exception as err:  # tracking must never stop training
+            logger.warning("no system metrics for this run: %s", err)
+            self.monitor = None
+
+    def finish(self, engine: Engine | None = None) -> None:
+        """Stop sampling and log what is waiting, with one last sample (a training that raises leaves
+        the monitor's daemon thread to end with the process)."""
+        if self.monitor is None:
+            return
+        monitor, self.monitor = self.monitor, None
+        monitor.finish()
+        # MLflow's monitor drops the samples of its last, unfinished interval: without this a training
+        # shorter than one interval would have no system metrics at all
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # tracking must never stop training
+            logger.warning("could not log the last system metrics: %s", err)
+
+
+class TrainingRunTestMetrics:
+    """When an evaluation of a checkpoint ends, log its metrics also into the MLflow run of the
+    training that wrote the checkpoint (``run.json`` in its folder), as ``<prefix><metric>``
+    (``test_auc``, ``test_accuracy``), so that the training runs can be sorted and compared by their
+    test scores; the training run is tagged with the evaluation run's id (``test_run_id``). Without
+    a training run in the store (weights from elsewhere) it logs a line and nothing else.
+    """
+
+    def __init__(self, tracking_uri: str | None, checkpoint: str, evaluation_run_id: str | None = None,
+                 prefix: str = "test_", enabled: bool = True):
+        self.tracking_uri, self.checkpoint, self.evaluation_run_id = tracking_uri, checkpoint, evaluation_run_id
+        self.prefix, self.enabled = prefix, enabled and bool(tracking_uri)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self.log)
+
+    def log(self, engine: Engine) -> None:
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        client = tracking_client(self.tracking_uri)
+        training = training_run_tags(client, self.checkpoint).get("training_run_id")
+        if training is None:
+            return
+        now = int(1000 * time.time())
+        metrics = [Metric(self.prefix + key, float(value), now, 0) for key, value in engine.state.metrics.items()
+                   if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)]
+        tags = [RunTag(f"{self.prefix}run_id", self.evaluation_run_id)] if self.evaluation_run_id else []
+        client.log_batch(training, metrics=metrics, tags=tags)
 
 
 class MLflowRunHandler(MLFlowHandler):

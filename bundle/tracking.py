@@ -1,5 +1,14 @@
 """MLflow tracking around MONAI's MLFlowHandler: where the store is, making it safe for many
-processes at once, and opening, reopening and logging into one run by its id."""
+processes at once, opening, reopening and logging into one run by its id, and linking runs.
+
+Every experiment the bundle creates is tagged ``mlflow.experimentKind = custom_model_development``
+(MLflow 3's UI otherwise offers its GenAI views, traces and judges, for it). Runs that use a trained
+model (evaluation, comparison, inference) name the training run that made it: the tags
+``training_run_id`` / ``training_run_name`` / ``training_experiment_id``, read from ``run.json`` in
+the checkpoint's folder (``bundle.runs``). A run in the training run's own experiment (the
+evaluation of a checkpoint) is also nested under it (``mlflow.parentRunId``), so the UI shows it
+below the training run it tests.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,10 @@ logger = logging.getLogger(__name__)
 # How long a process waits for another one's write to an embedded SQLite store before giving up
 # (SQLite's own default is 5 s, which several trainings logging every iteration exceed).
 SQLITE_BUSY_TIMEOUT_S = 60
+# MLflow 3's UI reads the kind of an experiment from this tag (the values its frontend knows)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow's own tag for nested runs: the UI lists the run under its parent
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(output_dir: str | Path, uri: str | None = None) -> str:
@@ -84,25 +97,74 @@ def artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created if missing; another process creating it at the same
-    moment is not an error."""
+    """The id of experiment ``name``, created if missing, tagged with :data:`EXPERIMENT_KIND`; another
+    process creating it at the same moment is not an error."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    tag_experiment_kind(client, experiment)
+    return experiment.experiment_id
+
+
+def tag_experiment_kind(client, experiment) -> None:
+    """Tag ``experiment`` (an MLflow Experiment) with :data:`EXPERIMENT_KIND` unless it has a kind:
+    experiments made by an earlier version of the bundle or by MONAI's handler get one; a kind a
+    user chose stays."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def training_run_tags(client, checkpoint: str | Path | None, nest_in: str | None = None) -> dict[str, str]:
+    """Tags naming the training run that wrote ``checkpoint`` (a ``model.pt`` or its folder), found
+    from ``run.json`` in that folder; with ``nest_in`` (an experiment id) also ``mlflow.parentRunId``
+    when the training run is in that experiment. Empty, with a log line, when the folder has no
+    ``run.json`` (weights from elsewhere) or its run is not in this store."""
+    from mlflow.exceptions import MlflowException
+
+    from bundle.runs import read_run_record  # bundle.runs builds on this module
+
+    if not checkpoint:
+        return {}
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+        run = client.get_run(read_run_record(folder)["run_id"])
+    except (FileNotFoundError, ValueError, KeyError, MlflowException) as err:
+        logger.info("no training run to link for the checkpoint in %s: %s", folder.name, str(err).splitlines()[0])
+        return {}
+    tags = {"training_run_id": run.info.run_id, "training_run_name": run.info.run_name,
+            "training_experiment_id": run.info.experiment_id}
+    if nest_in is not None and run.info.experiment_id == nest_in:
+        tags[PARENT_RUN_TAG] = run.info.run_id
+    return tags
 
 
-def open_run(uri: str, experiment_name: str, run_name: str) -> str:
-    """Create a new run (status RUNNING) and return its id. Runs are told apart by id, never by name."""
+def link_to_training(uri: str, run_id: str, checkpoint: str | Path | None) -> None:
+    """Tag run ``run_id`` with the training run of ``checkpoint`` (:func:`training_run_tags`, not
+    nested) and its experiment with its kind: for a run opened elsewhere (the inference run)."""
     client = tracking_client(uri)
-    return client.create_run(experiment_id(client, experiment_name, uri), run_name=run_name).info.run_id
+    run = client.get_run(run_id)
+    tag_experiment_kind(client, client.get_experiment(run.info.experiment_id))
+    for key, value in training_run_tags(client, checkpoint).items():
+        client.set_tag(run_id, key, value)
+
+
+def open_run(uri: str, experiment_name: str, run_name: str, checkpoint: str | Path | None = None) -> str:
+    """Create a new run (status RUNNING) and return its id. Runs are told apart by id, never by name.
+
+    ``checkpoint``: the model the run uses; the run is linked to the training run that wrote it
+    (:func:`training_run_tags`, nested when that run is in the same experiment)."""
+    client = tracking_client(uri)
+    experiment = experiment_id(client, experiment_name, uri)
+    tags = training_run_tags(client, checkpoint, nest_in=experiment)
+    return client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
 
 
 def reopen_run(uri: str, run_id: str, params: dict | None = None) -> str:
@@ -128,23 +190,46 @@ def reopen_run(uri: str, run_id: str, params: dict | None = None) -> str:
     return run_id
 
 
-def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    """Log one file into run ``run_id``."""
-    tracking_client(uri).log_artifact(run_id, str(path), artifact_path)
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which run ``run_id`` holds the MLflow image ``key``, sorted (with repeats).
+
+    MLflow keeps no index of them: each is a file ``images/<key>+step+<n>+timestamp+...png`` (older
+    MLflow versions: ``%`` for ``+``), read back here as MLflow's UI reads it."""
+    import re
+
+    steps = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rsplit("/", 1)[-1]
+        match = re.fullmatch(r"(.+?)([+%])step\2(\d+)\2timestamp\2\d+\2[^+%]+\.png", name)
+        if match and match.group(1).replace("~", "/").replace("#", "/") == key:
+            steps.append(int(match.group(3)))
+    return sorted(steps)
+
+
+def log_image(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
+    """Log the image file ``path`` into run ``run_id`` as an MLflow image ``key`` at ``step``: the
+    UI's image view of the run shows one image per key with a slider over the steps."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        tracking_client(uri).log_image(run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
 
 
 class InferenceTracking:
     """Log an inference run to MLflow: model identity, counts, the predictions table and overlays.
 
     The table logged here has no input paths (file names may carry UIDs); only row number, input
-    kind, predicted class and probabilities.
+    kind, predicted class and probabilities. ``checkpoint``: the model's weights; the run is linked
+    to the training run that wrote them (:func:`link_to_training`).
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, max_overlays: int = 16):
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, max_overlays: int = 16,
+                 checkpoint: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.max_overlays = max_overlays
+        self.checkpoint = checkpoint
 
     def log_inference(self, summary) -> None:
         """Log ``summary`` (a ``bundle.inference.InferenceSummary``: counts, model identity, table rows
@@ -161,6 +246,7 @@ class InferenceTracking:
         run = client.create_run(experiment_id, run_name=self.run_name)
         run_id = run.info.run_id
         try:
+            link_to_training(self.tracking_uri, run_id, self.checkpoint)
             params = {"model": summary.model.name, "model_version": summary.model.version,
                       "weights": summary.model.weights_digest, "spatial_dims": summary.spatial_dims,
                       "all_classes": summary.all_classes}
@@ -194,33 +280,83 @@ class InferenceTracking:
 
 
 class ComparisonTracking:
-    """Log an explanation comparison to MLflow: its counts, every number of the table (as
-    ``<column>.<row>``), and the table, curves and grid files. Nothing per image, no paths."""
+    """Log an explanation comparison to MLflow as MLflow's compare views read it: a parent run holding
+    the table (files and an MLflow table), the curves, the box-accuracy plot and the grid, and one
+    child run per row of the table (``mlflow.parentRunId``), named as in the table, with the table's
+    columns as metrics under the same keys in every child (``accuracy``, ``deletion_audc``,
+    ``activation_precision``, ...; a column that does not apply is left out, not logged as NaN).
+
+    A method's child has the params ``kind`` ("method"), ``model``, ``head``, ``explainer``,
+    ``target`` and ``raw_map_shape`` and is linked to its model's training run (``training_run_id``,
+    :func:`training_run_tags`). The ceiling and chance rows of each map resolution are children too
+    (``kind`` "ideal" / "random", ``explainer`` "ideal map" / "random map", localisation metrics
+    only): a reviewer then sees them beside the
+    methods in the same charts and parallel coordinates, under the same metric keys, where parent
+    metrics would need one mangled key per resolution and column. Nothing per image, no paths.
+    """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
 
-    def log_comparison(self, rows: list[dict], files: list[Path], counts: dict[str, int]) -> None:
-        import math
-        import re
-
-        from mlflow.entities import Metric, Param
-
+    def log_comparison(self, rows: list[dict], files: list[Path], counts: dict[str, int],
+                       methods: dict[str, dict] | None = None) -> str:
+        """Log the comparison; return the parent run's id. ``rows``: the table (``method``, ``kind``,
+        columns); ``methods``: a row's label -> its params (model, head, explainer, target) and the
+        model's ``checkpoint`` (for the training-run link, not logged)."""
         client = tracking_client(self.tracking_uri)
-        run_id = open_run(self.tracking_uri, self.experiment_name, self.run_name)
+        parent = open_run(self.tracking_uri, self.experiment_name, self.run_name)
+        children = []
         try:
-            now = int(1000 * time.time())
-            values = [Metric(f"{key}.{re.sub(r'[^0-9A-Za-z_.-]+', '_', row['method'])}", float(value), now, 0)
-                      for row in rows for key, value in row.items()
-                      if isinstance(value, float) and not math.isnan(value)]
-            for start in range(0, len(values), 900):  # MLflow takes at most 1000 metrics per batch
-                client.log_batch(run_id, metrics=values[start : start + 900])
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in counts.items()])
+            client.log_batch(parent, params=[_param(k, v) for k, v in counts.items()])
+            client.log_table(parent, data=_table(rows), artifact_file="comparison_table.json")
             for path in files:
-                client.log_artifact(run_id, str(path))
-            client.set_terminated(run_id, "FINISHED")
+                client.log_artifact(parent, str(path))
+            experiment = client.get_run(parent).info.experiment_id
+            # MLflow lists runs newest first: created from the last row up, they read in the table's order
+            for row in reversed(rows):
+                children.append(self._log_row(client, experiment, parent, row, dict((methods or {}).get(row["method"], {}))))
+            for run_id in [*children, parent]:
+                client.set_terminated(run_id, "FINISHED")
         except Exception:
-            client.set_terminated(run_id, "FAILED")
+            for run_id in [*children, parent]:
+                client.set_terminated(run_id, "FAILED")
             raise
+        return parent
+
+    def _log_row(self, client, experiment: str, parent: str, row: dict, method: dict) -> str:
+        from mlflow.entities import Metric
+
+        tags = {**training_run_tags(client, method.pop("checkpoint", None)), PARENT_RUN_TAG: parent}
+        run_id = client.create_run(experiment, run_name=row["method"], tags=tags).info.run_id
+        now = int(1000 * time.time())
+        metrics = [Metric(key, value, now, 0) for key, value in row.items() if _number(value)]
+        kind = row.get("kind", "method")
+        if kind != "method":  # the ideal or random map stands where an explainer would
+            method.setdefault("explainer", f"{kind} map")
+        params = {"kind": kind, **method, "raw_map_shape": row.get("raw_map_shape", "")}
+        client.log_batch(run_id, metrics=metrics, params=[_param(k, v) for k, v in params.items() if v != ""])
+        return run_id
+
+
+def _number(value) -> bool:
+    import math
+
+    return isinstance(value, float) and not math.isnan(value)
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, str(value))
+
+
+def _table(rows: list[dict]) -> dict[str, list]:
+    """The comparison table as MLflow's ``log_table`` takes it: column -> values, in the table's order
+    (``bundle.explain.report.COLUMNS``); None where a column does not apply."""
+    from bundle.explain.report import COLUMNS
+
+    columns = ["method", "kind", *[key for key, _, _ in COLUMNS], "raw_map_shape"]
+    return {key: [row.get(key) if not isinstance(row.get(key), float) or _number(row.get(key)) else None for row in rows]
+            for key in columns}

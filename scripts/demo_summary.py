@@ -39,7 +39,9 @@ def main() -> None:
         print(f"{'':28s} predictions.csv, maps/ (NIfTI), overlays/ (PNG), dicom/secondary_capture/")
     store = (args.output_dir / "mlflow.db").resolve()
     print(f"\nMLflow store: {store}")
-    print(f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}  (then http://127.0.0.1:5000)")
+    print(f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}")
+    print("  then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (MLflow 3's training views;"
+          " how to read it: docs/README.md, Reviewing in MLflow)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from bundle.tracking import image_steps
 from tests.conftest import ROOT, run_bundle
 
 TINY = ["--image_size", "64", "--batch_size", "4", "--backbone_kwargs", "{'widen_factor': 0.25}"]
@@ -61,8 +62,9 @@ def test_training_is_tracked_in_mlflow(trained_softcam):
     assert len(client.get_metric_history(train_run.info.run_id, "accuracy")) == 2
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"model.pt", "train.json", "metadata.json"} <= artifacts
-    gallery = {a.path for a in client.list_artifacts(train_run.info.run_id, "evidence_gallery")}
-    assert gallery == {"evidence_gallery/epoch_001.png", "evidence_gallery/epoch_002.png"}
+    gallery = [a.path for a in client.list_artifacts(train_run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(path.split("+")[:3] for path in gallery) == [  # an MLflow image per epoch, the epoch its step
+        ["images/evidence_gallery", "step", "1"], ["images/evidence_gallery", "step", "2"]]
 
 
 def test_evaluation_scores_the_test_split_and_is_tracked(trained_softcam, dataset_2d):
@@ -130,7 +132,7 @@ def test_monai_tracking_flag_logs_one_complete_run_without_duplicates(dataset_2d
     assert run.data.params["head"] == "softcam"  # our handler still logs the hyperparameters
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # 16 images, batch 4: no duplicates
     assert len(client.get_metric_history(run.info.run_id, "auc")) == 1
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evidence_gallery")} == {"evidence_gallery/epoch_001.png"}
+    assert image_steps(client, run.info.run_id, "evidence_gallery") == [1]
 
 
 def test_the_sigmoid_branch_trains_on_a_frozen_baseline_and_is_tracked(dataset_2d, tmp_path):

@@ -220,9 +220,13 @@ def test_the_table_plots_and_grid_are_written_and_tracked(comparison):
     markdown = (folder / "comparison.md").read_text().splitlines()
     assert len(markdown) == 2 + len(rows) and markdown[0].startswith("| method | Acc")
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'eval' / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("softcam").experiment_id])[0]
+    experiment = client.get_experiment_by_name("softcam-comparison").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`mlflow.parentRunId` IS NULL")
     assert run.info.run_name.startswith("comparison-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "comparison.csv", "comparison.md", "box_accuracy_curves.csv", "box_accuracy.png", "deletion_curves.png",
-        "method_grid.png"}
-    assert run.data.metrics["auc.dense_SoftCAM"] == pytest.approx(float(rows["dense SoftCAM"]["auc"]), abs=1e-4)
+        "comparison.csv", "comparison.md", "comparison_table.json", "box_accuracy_curves.csv", "box_accuracy.png",
+        "deletion_curves.png", "method_grid.png"}
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert [child.info.run_name for child in children] == list(rows)  # one per row (tests/test_mlflow_review.py)
+    dense = next(child for child in children if child.info.run_name == "dense SoftCAM")
+    assert dense.data.metrics["auc"] == pytest.approx(float(rows["dense SoftCAM"]["auc"]), abs=1e-4)

@@ -21,8 +21,8 @@ Which class is explained:
   counted on diseased images and negative on healthy ones (``metrics.disease_classes``).
 
 Writes ``comparison.csv`` / ``.md``, ``box_accuracy_curves.csv``, ``box_accuracy.png``,
-``deletion_curves.png`` and ``method_grid.png`` to ``output_dir`` and, with a tracking URI, logs
-them and the table's numbers to an MLflow run.
+``deletion_curves.png`` and ``method_grid.png`` to ``output_dir`` and, with a tracking object
+(``bundle.tracking.ComparisonTracking``), logs them to an MLflow run with one child run per row.
 """
 
 from __future__ import annotations
@@ -286,9 +286,15 @@ class ExplanationComparison:
                  report.plot_deletion_curves(out / "deletion_curves.png", curves, random_curves, total),
                  report.plot_grid(out / "method_grid.png", test, grid, self._grid_indices(annotated))]
         if self.tracking is not None:
-            self.tracking.log_comparison(rows, files, {"n_test": len(test.labels), "n_annotated": int(annotated.sum()),
-                                                       "n_lesion_all_correct": int(lesion.sum())})
+            counts = {"n_test": len(test.labels), "n_annotated": int(annotated.sum()), "n_lesion_all_correct": int(lesion.sum())}
+            self.tracking.log_comparison(rows, files, counts, self.describe(c for c in self.contenders if c.model in models))
         return rows
+
+    def describe(self, contenders) -> dict[str, dict]:
+        """Each contender's label -> what its row is: the model's name, head and checkpoint, the
+        explainer's title as in the papers' tables, and the explained target."""
+        return {c.label: {"model": c.model, "head": self.models[c.model]["head"], "explainer": EXPLAINERS[c.method].title,
+                          "target": c.target, "checkpoint": str(self.models[c.model]["checkpoint"])} for c in contenders}
 
     def _grid_indices(self, annotated: torch.Tensor) -> torch.Tensor:
         """Annotated images first (the lesion to look for), then healthy ones."""

@@ -17,7 +17,7 @@ DEMO_MODEL ?= --backbone resnet18 --backbone_kwargs "{'widen_factor': 0.125}" --
 # Sparse SoftCAM's lambda1 (per evidence map element; chosen by `make lambda-sweep` on the
 # validation split, see docs/README.md), the sigmoid branches' epochs, and how many test images the
 # demo's explanation comparison scores (empty: all of them).
-DEMO_SPARSE_LAMBDA1 ?= 1e-2
+DEMO_SPARSE_LAMBDA1 ?= 3e-2
 DEMO_BRANCH_EPOCHS ?= 5
 DEMO_COMPARE_LIMIT ?= 60
 SWEEP_LAMBDA1 ?= 0 1e-2 3e-2 1e-1

@@ -3,9 +3,9 @@ chose it, on the annotated **validation** images (the test split stays for the f
 
 Trains one SoftCAM per value on the demo's data (``make demo`` first: lambda1 = 0 and the demo's
 sparse value reuse its models), scores each on the validation split with the comparison's metrics,
-writes ``lambda_sweep.csv`` / ``.md`` under ``<demo>/eval/lambda_sweep`` and names the chosen value:
-the one with the highest activation precision among those whose validation AUC is within
-``--auc_tolerance`` of dense SoftCAM's (lambda1 = 0). lambda1 is per map element
+writes ``lambda_sweep.csv`` / ``.md`` under ``<demo>/eval/lambda_sweep`` and names the sparse model's
+value: the lambda1 > 0 with the highest activation precision among those whose validation AUC is
+within ``--auc_tolerance`` of dense SoftCAM's (lambda1 = 0). lambda1 is per map element
 (``bundle.losses.evidence_penalty``), so a value carries across input sizes and output strides.
 
     python scripts/lambda_sweep.py --demo demo --lambda1 0 1e-3 1e-2 1e-1 -- --backbone resnet18 --output_stride 8
@@ -48,11 +48,17 @@ def _literal(value: str):
 
 
 def choose(table: list[dict], auc_tolerance: float) -> dict:
-    """The paper's trade-off as a rule: the most precise evidence among the values that keep dense
-    SoftCAM's validation AUC (within ``auc_tolerance``); ties go to the smaller lambda1."""
+    """The paper's trade-off as a rule, for the sparse model (lambda1 > 0): the most precise evidence
+    (activation precision) among the values that keep dense SoftCAM's validation AUC within
+    ``auc_tolerance``; if none does, the value with the highest AUC. Ties go to the smaller lambda1."""
+    sparse = [r for r in table if float(r["lambda1"]) > 0]
+    if not sparse:
+        raise ValueError("the sweep has no lambda1 > 0 to choose the sparse model from")
     dense = next((r for r in table if float(r["lambda1"]) == 0.0), None)
-    floor = (dense["auc"] if dense else max(r["auc"] for r in table)) - auc_tolerance
-    kept = [r for r in table if r["auc"] >= floor]
+    floor = (dense["auc"] if dense else max(r["auc"] for r in sparse)) - auc_tolerance
+    kept = [r for r in sparse if r["auc"] >= floor]
+    if not kept:
+        return max(sparse, key=lambda r: (r["auc"], -float(r["lambda1"])))
     return max(kept, key=lambda r: (r["activation_precision"], -float(r["lambda1"])))
 
 
@@ -105,8 +111,8 @@ def main() -> None:
         writer.writerows(table)
     lines = ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     lines += ["| " + " | ".join(str(r[c]) if c == "lambda1" else f"{r[c]:.3f}" for c in columns) + " |" for r in table]
-    lines += ["", f"Validation split. Chosen: lambda1 = {chosen['lambda1']} (highest activation precision among the "
-                  f"values within {args.auc_tolerance} validation AUC of dense SoftCAM)."]
+    lines += ["", f"Validation split. Chosen for sparse SoftCAM: lambda1 = {chosen['lambda1']} (rule: the highest "
+                  f"activation precision among the lambda1 > 0 within {args.auc_tolerance} validation AUC of dense SoftCAM)."]
     (comparison.output_dir / "lambda_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,12 +12,18 @@ from bundle.networks.classifier import ImageClassifier
 def evidence_penalty(evidence_maps: torch.Tensor, lambda1: float, lambda2: float) -> torch.Tensor:
     """ElasticNet penalty on class evidence maps (B, C, h, w[, d]), averaged over the batch.
 
-    Per image i: lambda1 * sum|A_i| + lambda2 * ||A_i||_2 (Frobenius norm, not squared, as in the
-    SoftCAM reference code). Every image of the batch counts; the reference code only regularised
-    the first one. The batch mean keeps the penalty's scale independent of the batch size.
+    Per image i with N = C*h*w[*d] map elements: lambda1 * mean|A_i| + lambda2 * sqrt(mean(A_i^2)),
+    i.e. the SoftCAM reference's lambda1 * ||A_i||_1 + lambda2 * ||A_i||_2 (L1 norm and plain, not
+    squared, Frobenius norm) with the L1 norm divided by N and the Frobenius norm by sqrt(N). Both
+    terms are then per map element: the same lambda means the same pull on evidence of the same
+    magnitude whatever the input size, output stride or number of classes, where the reference's
+    sums grow with the map (a reference value corresponds to this one times N, resp. sqrt(N)).
+    Every image of the batch counts; the reference code only regularised the first one. The batch
+    mean keeps the penalty's scale independent of the batch size.
     """
     flat = evidence_maps.flatten(1)
-    per_image = lambda1 * flat.abs().sum(dim=1) + lambda2 * flat.norm(p=2, dim=1)
+    # the norm divided by sqrt(N), not sqrt(mean(A^2)): torch's norm has a zero gradient at A = 0
+    per_image = lambda1 * flat.abs().mean(dim=1) + lambda2 * flat.norm(p=2, dim=1) / flat.shape[1] ** 0.5
     return per_image.mean()
 
 
@@ -28,7 +34,7 @@ class SoftCAMLoss(nn.Module):
     so MONAI's trainer can call ``loss(logits, labels)`` unchanged.
     """
 
-    def __init__(self, network: ImageClassifier, lambda1: float = 0.0, lambda2: float = 4e-5):
+    def __init__(self, network: ImageClassifier, lambda1: float = 0.0, lambda2: float = 9e-4):
         super().__init__()
         if lambda1 < 0 or lambda2 < 0:
             raise ValueError(f"lambda1 and lambda2 must be >= 0, got {lambda1}, {lambda2}")

@@ -9,6 +9,12 @@ to ignore: ribs or tubular vessels, tiny bright calcifications, large faint blob
 background variation, noise, and a random global gain and offset, so the label cannot be read off
 global intensity. Each positive image gets a binary lesion mask (NIfTI) as localisation ground truth.
 
+Two options set the task's scale and difficulty: ``lesion_size`` multiplies the lesion radius
+(2D: 2.2-3.5 % of the image rows; 3D: 2.5-4 voxels) and ``lesion_contrast`` the lesion's intensity
+(2D: 0.12-0.2 of the attenuation range; 3D: 700-900 HU), while the distractors stay as they are: a
+lower contrast buries the lesion among vessels, blobs and noise of similar intensity. At 1.0
+(the defaults) the output is the same as without the options.
+
 Everything is derived from ``(seed, index)``: the same arguments give byte-identical files.
 """
 
@@ -62,7 +68,8 @@ def _random_point_in(rng: np.random.Generator, region: np.ndarray, margin: int) 
     return candidates[rng.integers(len(candidates))].astype(np.float32)
 
 
-def radiograph(rng: np.random.Generator, shape: tuple[int, int], lesion_type: int) -> tuple[np.ndarray, np.ndarray]:
+def radiograph(rng: np.random.Generator, shape: tuple[int, int], lesion_type: int, lesion_size: float = 1.0,
+               lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """A chest-radiograph-like attenuation image (H, W) in [0, 1] and its lesion mask (H, W) uint8."""
     h, w = shape
     yy, xx = _grid(shape)
@@ -92,16 +99,18 @@ def radiograph(rng: np.random.Generator, shape: tuple[int, int], lesion_type: in
     img += 0.05 * _smooth_noise(rng, shape, sigma=h / 12)
     mask = np.zeros(shape, np.uint8)
     if lesion_type:
-        centre = _random_point_in(rng, lung > 0.6, int(h * 0.04))
-        profile, mask = _lesion(rng, shape, centre, h * rng.uniform(0.022, 0.035), lesion_type)
-        img += rng.uniform(0.12, 0.2) * profile
+        # the margin keeps a larger lesion as deep inside the lung field as the default one
+        centre = _random_point_in(rng, lung > 0.6, int(h * 0.04 * lesion_size))
+        profile, mask = _lesion(rng, shape, centre, h * rng.uniform(0.022, 0.035) * lesion_size, lesion_type)
+        img += rng.uniform(0.12, 0.2) * lesion_contrast * profile
     img = ndimage.gaussian_filter(img, 0.7)
     img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.08, 0.08)
     img += rng.normal(0, rng.uniform(0.008, 0.02), shape)
     return np.clip(img, 0, 1).astype(np.float32), mask
 
 
-def ct_volume(rng: np.random.Generator, shape: tuple[int, int, int], lesion_type: int) -> tuple[np.ndarray, np.ndarray]:
+def ct_volume(rng: np.random.Generator, shape: tuple[int, int, int], lesion_type: int, lesion_size: float = 1.0,
+              lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """A chest-CT-like volume (X, Y, Z) in Hounsfield units (int16) and its lesion mask (uint8)."""
     x, y, z = shape
     gx, gy, gz = _grid(shape)
@@ -124,9 +133,9 @@ def ct_volume(rng: np.random.Generator, shape: tuple[int, int, int], lesion_type
     hu += 60 * _smooth_noise(rng, shape, sigma=x / 8)
     mask = np.zeros(shape, np.uint8)
     if lesion_type:
-        centre = _random_point_in(rng, lung > 0.6, 3)
-        profile, mask = _lesion(rng, shape, centre, rng.uniform(2.5, 4.0), lesion_type)
-        hu += rng.uniform(700, 900) * profile * lung
+        centre = _random_point_in(rng, lung > 0.6, round(3 * lesion_size))
+        profile, mask = _lesion(rng, shape, centre, rng.uniform(2.5, 4.0) * lesion_size, lesion_type)
+        hu += rng.uniform(700, 900) * lesion_contrast * profile * lung
     hu = ndimage.gaussian_filter(hu, 0.6) + rng.normal(0, rng.uniform(10, 25), shape)
     return np.clip(hu, -1024, 3071).astype(np.int16), mask
 
@@ -270,15 +279,20 @@ def _labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_classes: int = 2,
-                 size: int | None = None, dicom_series: bool = False) -> dict:
+                 size: int | None = None, dicom_series: bool = False, lesion_size: float = 1.0,
+                 lesion_contrast: float = 1.0) -> dict:
     """Write ``n`` cases to ``out`` and a Decathlon-style ``datalist.json`` (70/15/15 split, stratified).
 
     Returns the datalist. 2D cases are ``images/case_XXXXX.dcm``, 3D ``images/case_XXXXX.nii.gz``
     (with ``dicom_series``, also a CT series folder ``series/case_XXXXX/``, which the datalist then
-    names); masks ``masks/case_XXXXX.nii.gz`` for positive cases.
+    names); masks ``masks/case_XXXXX.nii.gz`` for positive cases. ``lesion_size`` and
+    ``lesion_contrast`` (> 0) scale the lesions' radius and intensity (see the module docstring).
     """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if not (lesion_size > 0 and lesion_contrast > 0):
+        raise ValueError(f"lesion_size and lesion_contrast must be > 0, got {lesion_size}, {lesion_contrast}")
+    lesions = {"lesion_size": lesion_size, "lesion_contrast": lesion_contrast}
     if num_classes not in (2, 3):
         raise ValueError(f"num_classes must be 2 (presence) or 3 (type), got {num_classes}")
     out = Path(out)
@@ -293,7 +307,7 @@ def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_clas
         item = {"label": int(label)}
         if dims == 2:
             shape = (size, int(size * rng.choice([0.8125, 0.9375, 1.0])))
-            image, mask = radiograph(rng, shape, int(label))
+            image, mask = radiograph(rng, shape, int(label), **lesions)
             image_path = out / "images" / f"{name}.dcm"
             write_cr_dicom(image_path, image, CaseIdentity(index, seed), rng)
             spacing = float(pydicom.dcmread(image_path, stop_before_pixels=True).PixelSpacing[0])
@@ -301,7 +315,7 @@ def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_clas
             mask = mask.T  # MONAI reads DICOM pixel arrays column-major (swap_ij); NIfTI as stored
         else:
             shape = (size, size, int(size * 0.75))
-            volume, mask = ct_volume(rng, shape, int(label))
+            volume, mask = ct_volume(rng, shape, int(label), **lesions)
             mask_affine = ct_affine(rng, shape)
             image_path = out / "images" / f"{name}.nii.gz"
             _write_nifti(image_path, volume, mask_affine)
@@ -326,7 +340,8 @@ def make_dataset(out: Path, dims: int = 2, n: int = 800, seed: int = 0, num_clas
         split.sort(key=lambda it: it["image"])
     datalist.update(
         description=f"SoftCAM synthetic {dims}D dataset, seed {seed}: lesion "
-                    + ("presence" if num_classes == 2 else "type") + " classification",
+                    + ("presence" if num_classes == 2 else "type") + " classification"
+                    + "".join(f", {k.replace('_', ' ')} x{v:g}" for k, v in lesions.items() if v != 1.0),
         labels={str(k): v for k, v in LESION_TYPES.items() if k < num_classes},
         numTraining=len(datalist["training"]),
     )

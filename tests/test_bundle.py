@@ -155,3 +155,19 @@ def test_the_sigmoid_branch_trains_on_a_frozen_baseline_and_is_tracked(dataset_2
     assert run.info.run_name.startswith("resnet18-linear-sigmoid-branch-")
     assert run.data.params["optimizer"] == "SGD" and run.data.params["baseline_checkpoint"] == "model.pt"
     assert len(client.get_metric_history(run.info.run_id, "auc")) == 2
+
+
+def test_training_twice_with_the_same_seed_gives_the_same_weights(dataset_2d, tmp_path):
+    # one data-loading worker, so its seeding is exercised too; a dilated backbone (output_stride 8)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    states = []
+    for run in ("first", "second"):
+        result = run_bundle("--config_file", "configs/train.json", "--max_epochs", "1", "--lambda1", "1e-2",
+                            "--output_stride", "8", "--num_workers", "1", "--dataset_dir", str(dataset_2d),
+                            "--output_dir", str(tmp_path / run), "--ckpt_dir", str(tmp_path / run / "models"), *TINY, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        states.append(torch.load(tmp_path / run / "models" / "model.pt", map_location="cpu", weights_only=True))
+        _, runs = _runs(tmp_path / run)
+        assert runs[0].data.params["output_stride"] == "8" and runs[0].data.params["deterministic"] == "True"
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -6,12 +6,26 @@ from bundle.losses import SoftCAMLoss, classification_loss, evidence_penalty
 from bundle.networks import classifier
 
 
-def test_penalty_is_the_batch_mean_of_each_images_elastic_net():
+def test_penalty_is_the_batch_mean_of_each_images_elastic_net_per_map_element():
     maps = torch.tensor([[[[1.0, -2.0], [0.0, 2.0]]], [[[3.0, 0.0], [0.0, -4.0]]]])  # (2, 1, 2, 2)
-    # image 0: L1 5, L2 3; image 1: L1 7, L2 5
+    # 4 elements per image. Image 0: sum|A| 5, Frobenius 3 -> mean|A| 5/4, RMS 3/2;
+    # image 1: sum|A| 7, Frobenius 5 -> mean|A| 7/4, RMS 5/2
     l1, l2 = 0.1, 0.01
-    expected = ((l1 * 5 + l2 * 3) + (l1 * 7 + l2 * 5)) / 2
+    expected = ((l1 * 5 / 4 + l2 * 3 / 2) + (l1 * 7 / 4 + l2 * 5 / 2)) / 2
     assert evidence_penalty(maps, l1, l2).item() == pytest.approx(expected)
+    assert evidence_penalty(maps, l1, 0.0).item() == pytest.approx(0.1 * 3 / 2)
+    assert evidence_penalty(maps, 0.0, l2).item() == pytest.approx(0.01 * 2)
+
+
+def test_penalty_carries_across_map_sizes_and_class_counts():
+    # Evidence of the same per-element magnitude costs the same on a 2 x 8 x 8 map as on a
+    # 3 x 16 x 16 or a 2 x 4 x 4 x 3 map, as the summed reference penalty would not (128 vs 768 elements).
+    value = 0.5
+    small, large, volume = torch.full((1, 2, 8, 8), value), torch.full((1, 3, 16, 16), -value), torch.full((2, 2, 4, 4, 3), value)
+    for l1, l2 in ((1e-2, 0.0), (0.0, 1e-3), (3e-2, 9e-4)):
+        expected = (l1 + l2) * value  # mean |A| = RMS = 0.5 for a constant map
+        for maps in (small, large, volume):
+            assert evidence_penalty(maps, l1, l2).item() == pytest.approx(expected)
 
 
 def test_every_image_in_the_batch_is_regularised():

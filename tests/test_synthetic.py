@@ -101,3 +101,36 @@ def test_volumes_as_dicom_series_load_back_to_the_nifti_array_and_affine(tmp_pat
     assert len({pydicom.dcmread(s).SeriesInstanceUID for s in slices}) == 1
     for path in (slices[0], slices[-1]):
         assert dicom_validation_errors(path) == [], path
+
+
+@pytest.mark.parametrize("dims, size", [(2, 64), (3, 32)])
+def test_lesion_size_and_contrast_change_only_the_lesion(tmp_path, dims, size):
+    settings = {"default": {}, "large": {"lesion_size": 2.0}, "faint": {"lesion_contrast": 0.5}}
+    lists = {name: make_dataset(tmp_path / name, dims=dims, n=6, seed=7, size=size, **kw) for name, kw in settings.items()}
+    assert lists["faint"]["description"].endswith("lesion contrast x0.5")
+    items = [it for split in ("training", "validation", "test") for it in lists["default"][split]]
+    negatives, positives = [it for it in items if not it["label"]], [it for it in items if it["label"]]
+    digests = {name: _digest(tmp_path / name) for name in settings}
+    for item in negatives:  # the same random draws: a lesion-free case is the same file
+        assert digests["large"][item["image"]] == digests["faint"][item["image"]] == digests["default"][item["image"]]
+    area = {name: sum(int(np.asarray(nib.load(tmp_path / name / it["mask"]).dataobj).sum()) for it in positives)
+            for name in settings}
+    doubled_radius = 2.0**dims  # area (2D) or volume (3D) of a lesion of twice the radius
+    assert 0.7 * doubled_radius < area["large"] / area["default"] < 1.3 * doubled_radius
+    assert area["faint"] == area["default"]  # same lesions, only fainter
+
+    def contrast(name):  # mean lesion intensity over that of the ring around it, summed over positives
+        total = 0.0
+        for item in positives:
+            image, mask = _loaded(tmp_path / name, item)
+            lesion = mask > 0
+            ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
+            total += image[lesion].mean() - image[ring].mean()
+        return total
+
+    assert 0 < contrast("faint") < 0.75 * contrast("default")
+
+
+def test_lesion_options_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="lesion_size and lesion_contrast must be > 0"):
+        make_dataset(tmp_path, n=2, size=32, lesion_contrast=0)

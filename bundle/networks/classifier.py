@@ -115,15 +115,19 @@ def classifier(
     head: str = "softcam",
     backbone_weights: str | None = None,
     backbone_kwargs: dict | None = None,
+    output_stride: int | None = None,
 ) -> ImageClassifier:
     """Build a SoftCAM (``head="softcam"``) or black-box (``head="linear"``) classifier.
 
     ``backbone_weights``: optional local checkpoint of the same MONAI backbone to start from.
     ``backbone_kwargs``: options for the MONAI backbone's constructor (e.g. ``{"widen_factor": 0.25}``).
+    ``output_stride``: input size / evidence map size; None keeps the backbone's own (16 for MONAI's
+    ResNets at their default stem), 8 or 4 dilate a ResNet's last stages (``BackboneFeatures``).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
-    features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels, **(backbone_kwargs or {}))
+    features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels,
+                                output_stride=output_stride, **(backbone_kwargs or {}))
     if backbone_weights:
         features.load_weights(backbone_weights)
     return ImageClassifier(features, HEADS[head](features.num_features, num_classes, spatial_dims))

@@ -64,6 +64,8 @@ class SigmoidBranchClassifier(ImageClassifier):
     statistics frozen) even after ``.train()``; only ``branch`` trains.
     """
 
+    evidence_maps = ImageClassifier.evidence_maps  # defined here too, for TorchScript (see ImageClassifier)
+
     def __init__(self, features: BackboneFeatures, head: nn.Module):
         super().__init__(features, head)
         self.branch = fresh_head_like(head, features)
@@ -74,8 +76,10 @@ class SigmoidBranchClassifier(ImageClassifier):
     @classmethod
     def from_classifier(cls, model: ImageClassifier) -> SigmoidBranchClassifier:
         """Wrap a trained classifier. Its ``features`` and ``head`` modules are shared, not copied,
-        and are frozen in place."""
-        return cls(model.features, model.head)
+        and are frozen in place; its ``build_options`` are carried over."""
+        wrapped = cls(model.features, model.head)
+        wrapped.build_options = dict(model.build_options)
+        return wrapped
 
     def train(self, mode: bool = True) -> SigmoidBranchClassifier:
         super().train(mode)

@@ -27,11 +27,11 @@ def _monai_bundle(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-# one backbone of each family (the ResNet depths share their family's code), and a 3D one
-@pytest.mark.parametrize("backbone, options, spatial_dims", [
-    ("resnet18", {"widen_factor": 0.25}, 2), ("resnet10", {"widen_factor": 0.25}, 3), ("densenet121", {}, 2),
-    ("seresnet50", {}, 2), ("efficientnet-b0", {}, 2)])
-@pytest.mark.parametrize("head", ["softcam", "linear"])
+# one backbone of each family (the ResNet depths share their family's code), both heads, and a 3D one
+@pytest.mark.parametrize("backbone, options, spatial_dims, head", [
+    ("resnet18", {"widen_factor": 0.25}, 2, "softcam"), ("resnet18", {"widen_factor": 0.25}, 2, "linear"),
+    ("resnet10", {"widen_factor": 0.25}, 3, "softcam"), ("densenet121", {}, 2, "linear"),
+    ("seresnet50", {}, 2, "softcam"), ("efficientnet-b0", {}, 2, "linear")])
 def test_every_backbone_family_scripts_with_its_maps(backbone, options, spatial_dims, head):
     torch.manual_seed(0)
     model = classifier(backbone, spatial_dims=spatial_dims, head=head, backbone_kwargs=options).eval()

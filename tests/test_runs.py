@@ -192,8 +192,8 @@ def test_evaluation_and_the_sigmoid_branch_default_to_the_newest_training_with_a
     for stamp, files in [("20260101-000000-000000-aaaa", ["model.pt"]), ("20260102-000000-000000-bbbb", ["model.pt"]),
                          ("20260103-000000-000000-cccc", ["run.json"])]:  # the newest one stopped before a model
         (runs / stamp).mkdir(parents=True)
-        for name in files:
-            (runs / stamp / name).write_bytes(b"")
+        for name in files:  # an empty state dict: a checkpoint that does not describe itself
+            torch.save({}, runs / stamp / name) if name == "model.pt" else (runs / stamp / name).write_bytes(b"")
     overrides = {"bundle_root": str(ROOT), "models_dir": str(tmp_path / "models")}
     evaluation = ConfigParser()
     evaluation.read_config([str(ROOT / "configs/train.json"), str(ROOT / "configs/evaluate.json")])

@@ -5,7 +5,8 @@ them. One report per input (image, frame of a multi-frame image, or series), bui
 
 - Observation context: the algorithm as the observing device (name, manufacturer, model).
 - Procedure reported: the imaging procedure of the source's modality (SNOMED CT).
-- Image library: the source images.
+- Image library: the source images (not for an enhanced multi-frame volume, whose plane attributes
+  highdicom cannot describe an entry from).
 - Evidence: the source instances and the Secondary Capture and Parametric Map outputs of the same input (the
   writers listed before this one in ``writers``, found in ``case.written``), in the Current Requested
   Procedure Evidence Sequence (the SR's references to the instances of its study). They are not image library
@@ -37,6 +38,7 @@ from bundle.files import atomic_write
 from bundle.writers.base import EvidenceCase, EvidenceWriter, WrittenOutput
 from bundle.writers.common import RESEARCH_NOTE, ModelIdentity, derived_uid
 from bundle.writers.secondary_capture import MULTI_FRAME_SOP_CLASSES
+from transforms.dicom import is_enhanced_volume
 
 PRIVATE_SCHEME = "99SOFTCAM"
 # Procedure reported (TID 1500 requires one): SNOMED CT imaging procedures by source modality
@@ -126,7 +128,9 @@ class StructuredReportWriter(EvidenceWriter):
                     manufacturer_name=model.manufacturer, model_name=model.name[:64]))),
             procedure_reported=PROCEDURES.get(str(first.get("Modality", "")), IMAGING_PROCEDURE),
             imaging_measurements=[group],
-            referenced_images=case.sources,
+            # highdicom describes an image library entry from top-level image plane attributes, which an enhanced
+            # multi-frame image keeps per frame: its report has none (TID 1500's library is optional)
+            referenced_images=None if is_enhanced_volume(first) else case.sources,
         )
         evidence = [_with_patient_and_study(first), *case.sources[1:], *derived]
         return hd.sr.Comprehensive3DSR(

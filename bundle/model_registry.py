@@ -129,10 +129,10 @@ def log_trained_model(tracking_uri: str, run_id: str, checkpoint: str | Path, re
 
     trained = settings(read_description(checkpoint))
     shape = (1, trained["in_channels"], *[trained["image_size"]] * trained["spatial_dims"])
-    with _tracking_store(tracking_uri):
-        info = mlflow.models.Model.log(
-            artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
-            python_model=EvidenceModel(), artifacts={"checkpoint": str(checkpoint)},
+    # in the training's run: MLflow files the logged model under the active run's experiment
+    with _tracking_store(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=EvidenceModel(), artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(bundle.__file__).parent)], pip_requirements=requirements(),
             signature=signature(trained["in_channels"], trained["image_size"], trained["spatial_dims"],
                                 trained["num_classes"]),

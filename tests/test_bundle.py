@@ -70,6 +70,9 @@ def test_the_best_checkpoint_is_a_registered_mlflow_model_and_the_datalist_an_in
     assert champion.run_id == train_run.info.run_id
     best_auc = max(m.value for m in client.get_metric_history(train_run.info.run_id, "auc"))
     assert float(champion.tags["validation_auc"]) == pytest.approx(best_auc)
+    logged = client.get_logged_model(champion.source.removeprefix("models:/"))  # filed with the training's run
+    assert logged.experiment_id == train_run.info.experiment_id
+    assert logged.artifact_location.startswith((out / "eval" / "mlruns").as_uri())
     (dataset_input,) = train_run.inputs.dataset_inputs
     dataset = dataset_input.dataset
     assert dataset.digest == torch.load(out / "models" / "model.pt", weights_only=True)["description"]["datalist_digest"]

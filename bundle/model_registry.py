@@ -15,7 +15,8 @@ run id of ``bundle.runs.start_training_run``):
 Champion: the alias ``champion`` names the registered version with the highest validation AUC among the
 versions registered under that name. A new version takes the alias only if its AUC is higher than the
 current champion's (a tie keeps the champion; an AUC that is not a number never displaces one that is);
-the first version of a name becomes champion. Deployments load ``models:/<name>@champion``.
+the first version of a name becomes champion. Deployments load ``models:/<name>@champion``. AUCs compare
+models validated on the same data: each version's ``datalist_digest`` tag says which data that was.
 """
 
 from __future__ import annotations

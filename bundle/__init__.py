@@ -10,7 +10,7 @@ from bundle import privacy as _privacy
 
 _privacy.install()  # before any library can print a patient's data: see bundle/privacy.py
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "files", "handlers", "inference", "inputs",
            "losses", "networks", "pacs", "privacy", "runs", "synthetic", "tracking", "visualize", "writers"]
 

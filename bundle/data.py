@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -146,3 +147,31 @@ def load_datalist(dataset_dir: str | Path, filename: str = "datalist.json", num_
     if problems:
         raise DatalistError(problems, datalist_path)
     return datalist
+
+
+def _relative(value, root: Path | None):
+    if root is None or not isinstance(value, str):
+        return value
+    path = Path(value)
+    return str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else value
+
+
+def datalist_digest(datalist: dict, dataset_dir: str | Path | None = None) -> str:
+    """The first 32 hex digits of the SHA-256 of a datalist (as ``load_datalist`` returns it), with its
+    paths taken relative to ``dataset_dir``: the same lists give the same digest wherever the data
+    lies, and the digest says which data a model saw without naming a file."""
+    root = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else None
+    canonical = {split: [{k: _relative(v, root) for k, v in sorted(item.items())} for item in items]
+                 for split, items in sorted(datalist.items())}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def label_counts(datalist: dict) -> list[tuple[str, int, int]]:
+    """(split, label, number of entries) for every split and label of a datalist, sorted: its sizes
+    without a path or an identifier."""
+    counts: dict[tuple[str, int], int] = {}
+    for split, items in datalist.items():
+        for item in items:
+            key = (split, int(item["label"]))
+            counts[key] = counts.get(key, 0) + 1
+    return sorted((split, label, n) for (split, label), n in counts.items())

@@ -95,8 +95,6 @@ def main() -> None:
     )
     workflow.initialize()
     comparison = workflow.parser.get_parsed_content("comparison", instantiate=True)
-    # the swept models are built as trained: with the training config's output stride
-    comparison.network_options.setdefault("output_stride", workflow.parser.get_parsed_content("output_stride"))
     comparison.models = {f"lambda1 = {v}": {"head": "softcam", "checkpoint": str(d / "model.pt")} for v, d in runs.items()}
     comparison.contenders = [Contender(name, name, "softcam") for name in comparison.models]
     comparison.output_dir = demo / "eval" / "lambda_sweep"

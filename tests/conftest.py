@@ -83,3 +83,18 @@ def run_bundle(*args: str, env: dict | None = None, timeout: int = 300) -> subpr
     command = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json",
                "--logging_file", "configs/logging.conf", *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def save_described_checkpoint(network, path: Path, image_size: int, window=None, class_names=None,
+                              model_name: str = "test-model") -> Path:
+    """``model.pt`` as the training config's CheckpointSaver writes it: the weights under "model" beside the
+    ``bundle.checkpoints.ModelDescription`` under "description" (ignite saves each object's state dict)."""
+    import torch
+
+    from bundle.checkpoints import ModelDescription
+
+    description = ModelDescription(network, model_name, image_size, window, class_names or {0: "no lesion", 1: "lesion"},
+                                   "0.2.0", {"training": [{"image": "a.dcm", "label": 0}]}, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network.state_dict(), "description": description.state_dict()}, path)
+    return path

@@ -22,13 +22,14 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 from bundle.networks import classifier
 from bundle.pacs.config import REPOSITORY
 from bundle.synthetic import CaseIdentity, ct_affine, ct_volume, radiograph, write_cr_dicom, write_ct_series
+from tests.conftest import save_described_checkpoint
 from tests.orthanc import PASSWORD, USER, OrthancServer
 
 OUR_AE = "EVIDENCE_AI"
-SC, PM = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"
+SC, PM, SR = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.34"
 CREDENTIALS = {"TEST_PACS_USER": USER, "TEST_PACS_PASSWORD": PASSWORD}
-MODEL = {"backbone": "resnet18", "backbone_kwargs": {"widen_factor": 0.125}, "image_size": 32, "spatial_dims": 2,
-         "num_workers": 0, "writer_threads": 1}
+# the checkpoint describes its network and preprocessing: the PACS commands give it alone
+MODEL = {"num_workers": 0, "writer_threads": 1}
 FAST_RETRY = {"attempts": 2, "first_delay_seconds": 0.05, "factor": 2.0, "max_delay_seconds": 0.2}
 
 
@@ -36,8 +37,8 @@ FAST_RETRY = {"attempts": 2, "first_delay_seconds": 0.05, "factor": 2.0, "max_de
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(classifier("resnet18", spatial_dims=2, backbone_kwargs={"widen_factor": 0.125}).state_dict(), path)
-    return path
+    network = classifier("resnet18", spatial_dims=2, backbone_kwargs={"widen_factor": 0.125})
+    return save_described_checkpoint(network, path, image_size=32, model_name="resnet18-softcam")
 
 @pytest.fixture
 def credentials(monkeypatch):
@@ -121,9 +122,15 @@ def results_in(server: OrthancServer, study: SourceStudy) -> dict[str, list[pydi
 
 
 def assert_results_reference_the_sources(results: dict, study: SourceStudy, sc_sources: set[str]) -> None:
-    """Every SC and Parametric Map lies in the source study and points at its source instances."""
-    captures, maps = results.get(SC, []), results.get(PM, [])
-    assert {ds.StudyInstanceUID for ds in captures + maps} == {study.study}
+    """Every SC, Parametric Map and SR lies in the source study and points at its source instances (the 2D
+    model takes each image alone: an SC and a report per image)."""
+    captures, maps, reports = results.get(SC, []), results.get(PM, []), results.get(SR, [])
+    assert {ds.StudyInstanceUID for ds in captures + maps + reports} == {study.study}
+    sources_of_reports = [item.ReferencedSOPInstanceUID for ds in reports
+                          for evidence in ds.CurrentRequestedProcedureEvidenceSequence
+                          for series in evidence.ReferencedSeriesSequence for item in series.ReferencedSOPSequence
+                          if item.ReferencedSOPInstanceUID in sc_sources]
+    assert sorted(sources_of_reports) == sorted(sc_sources)
     assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in captures} == sc_sources
     assert len(captures) == len(sc_sources)
     # a Parametric Map only where there is a Frame of Reference: the CT slices, one map each

@@ -5,11 +5,14 @@ import os
 import sqlite3
 
 import mlflow
+import numpy as np
 import pydicom
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from bundle.checkpoints import load_checkpoint, network_for_checkpoint, read_description
+from bundle.data import datalist_digest, label_counts, load_datalist
 from bundle.tracking import image_steps
 from tests.conftest import ROOT, run_bundle
 
@@ -45,10 +48,54 @@ def trained_softcam(dataset_2d, tmp_path_factory):
     return out, train, evaluate
 
 
-def test_training_writes_the_best_checkpoint(trained_softcam):
+def test_training_writes_the_best_checkpoint_with_its_description(trained_softcam, dataset_2d):
     out, _, _ = trained_softcam
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert "head.class_evidence_layer.weight" in state
+    assert "head.class_evidence_layer.weight" in state["model"]
+    description = state["description"]
+    assert description["network"] == {"backbone": "resnet18", "spatial_dims": 2, "in_channels": 1, "num_classes": 2,
+                                      "head": "softcam", "backbone_kwargs": {"widen_factor": 0.25}}
+    assert description["preprocessing"] == {"image_size": 64, "window": None}
+    assert description["class_names"] == {"0": "no lesion", "1": "lesion"}
+    assert description["model_name"] == "resnet18-softcam"
+    assert description["bundle_version"] == json.loads((ROOT / "configs/metadata.json").read_text())["version"]
+    datalist = load_datalist(dataset_2d, num_classes=2)
+    assert description["datalist_digest"] == datalist_digest(datalist, dataset_2d)
+
+
+def test_the_best_checkpoint_is_a_registered_mlflow_model_and_the_datalist_an_input(trained_softcam, dataset_2d):
+    out, _, _ = trained_softcam
+    client, runs = _runs(out / "eval")
+    train_run = runs[0]
+    champion = client.get_model_version_by_alias("resnet18-softcam", "champion")
+    assert champion.run_id == train_run.info.run_id
+    best_auc = max(m.value for m in client.get_metric_history(train_run.info.run_id, "auc"))
+    assert float(champion.tags["validation_auc"]) == pytest.approx(best_auc)
+    logged = client.get_logged_model(champion.source.removeprefix("models:/"))  # filed with the training's run
+    assert logged.experiment_id == train_run.info.experiment_id
+    assert logged.artifact_location.startswith((out / "eval" / "mlruns").as_uri())
+    (dataset_input,) = train_run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == torch.load(out / "models" / "model.pt", weights_only=True)["description"]["datalist_digest"]
+    assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}
+    datalist = load_datalist(dataset_2d, num_classes=2)
+    assert json.loads(dataset.profile)["num_rows"] == len(label_counts(datalist))
+    assert str(dataset_2d) not in dataset.source + dataset.schema and "case_" not in dataset.source  # no path, no file
+    # the registered model gives the checkpoint's probabilities and evidence maps
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'eval' / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model("models:/resnet18-softcam@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [tuple(spec.shape) for spec in model.metadata.signature.inputs.inputs] == [(-1, 1, 64, 64)]
+    images = np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)
+    predicted = model.predict(images)
+    network = network_for_checkpoint(out / "models" / "model.pt")
+    load_checkpoint(network, out / "models" / "model.pt")
+    with torch.no_grad():
+        logits, maps = network.eval().forward_with_maps(torch.from_numpy(images))
+    assert np.array_equal(predicted["probabilities"], logits.softmax(1).numpy())
+    assert np.array_equal(predicted["evidence_maps"], maps.numpy())
 
 
 def test_training_is_tracked_in_mlflow(trained_softcam):
@@ -102,7 +149,7 @@ def test_black_box_baseline_by_one_switch_and_tracking_uri_from_the_environment(
                         "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"),
                         "--ckpt_dir", str(tmp_path / "models"), *TINY, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert "head.fc.weight" in state
     assert store.exists() and not (tmp_path / "eval" / "mlflow.db").exists()
     run = mlflow.MlflowClient(f"sqlite:///{store}").search_runs(
@@ -141,15 +188,20 @@ def test_the_sigmoid_branch_trains_on_a_frozen_baseline_and_is_tracked(dataset_2
     baseline = run_bundle("--config_file", "configs/train.json", "--max_epochs", "1",
                           "--ckpt_dir", str(tmp_path / "baseline"), *common, env=env)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
+    # the baseline checkpoint alone says the network, its head and the image size
     branch = run_bundle("--config_file", "['configs/train.json','configs/train_sigmoid_branch.json']", "--max_epochs", "2",
                         "--baseline_ckpt", str(tmp_path / "baseline" / "model.pt"), "--ckpt_dir", str(tmp_path / "branch"),
-                        *common, env=env)
+                        "--dataset_dir", str(dataset_2d), "--output_dir", str(tmp_path / "eval"), "--batch_size", "4",
+                        env=env)
     assert branch.returncode == 0, branch.stderr[-3000:]
-    before = torch.load(tmp_path / "baseline" / "model.pt", map_location="cpu", weights_only=True)
-    after = torch.load(tmp_path / "branch" / "model.pt", map_location="cpu", weights_only=True)
+    before = torch.load(tmp_path / "baseline" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    after = torch.load(tmp_path / "branch" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert set(after) == set(before) | {"branch.fc.weight", "branch.fc.bias"}
     assert all(torch.equal(before[k], after[k]) for k in before)  # backbone, head and BatchNorm statistics untouched
     assert not torch.equal(after["branch.fc.weight"], before["head.fc.weight"])
+    description = read_description(tmp_path / "branch" / "model.pt")
+    assert description["sigmoid_branch"] and description["network"]["head"] == "linear"
+    assert description["preprocessing"]["image_size"] == 64
     client, runs = _runs(tmp_path / "eval")
     run = runs[-1]
     assert run.info.run_name.startswith("resnet18-linear-sigmoid-branch-")

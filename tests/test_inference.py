@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import highdicom as hd
 import mlflow
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from bundle.networks import classifier
 from tests.conftest import ROOT, dicom_validation_errors, run_bundle
 
 MODEL = ["--backbone", "resnet18", "--backbone_kwargs", "{'widen_factor': 0.25}", "--image_size", "64"]
+VERSION = json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
 
 
 def _checkpoint(path, spatial_dims):
@@ -63,7 +65,7 @@ def test_bad_inputs_are_listed_and_the_rest_processed(inference_2d):
     assert len(predictions) == 3 + 12 + 1  # three files (two frames of one), twelve series slices
     for row in predictions:
         assert float(row["p_no lesion"]) + float(row["p_lesion"]) == pytest.approx(1.0, abs=1e-4)
-        assert row["model_version"] == "0.1.0" and len(row["weights"]) == 12
+        assert row["model_version"] == VERSION and len(row["weights"]) == 12
 
 
 def test_the_log_has_no_line_per_file_for_a_reader_that_does_not_apply(inference_2d):
@@ -77,6 +79,7 @@ def test_every_dicom_output_passes_dciodvfy(inference_2d):
     assert len(list((out / "dicom" / "secondary_capture").glob("*.dcm"))) == 16
     # Parametric Maps only where the source has a Frame of Reference: CT_small and the CT slices
     assert len(list((out / "dicom" / "parametric_map").glob("*.dcm"))) == 13
+    assert len(list((out / "dicom" / "structured_report").glob("*.dcm"))) == 16  # one report per input
     for path in files:
         assert dicom_validation_errors(path) == [], path
 
@@ -116,7 +119,7 @@ def test_the_inference_run_is_tracked_without_identifiers(inference_2d, mixed_fo
     out, result, _ = inference_2d
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("softcam-inference").experiment_id])[0]
-    assert run.data.params["model_version"] == "0.1.0"
+    assert run.data.params["model_version"] == VERSION
     assert run.data.metrics["inputs_processed"] == 16
     assert run.data.metrics["inputs_failed"] == len(_rows(out / "failures.csv"))
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.csv", "overlays"}
@@ -147,6 +150,17 @@ def test_a_3d_model_turns_a_series_into_one_input_and_writes_a_map_per_series(mi
     pm_path = tmp_path / "out" / series["outputs"]["pm"][0]
     assert dicom_validation_errors(pm_path) == []
     assert pydicom.dcmread(pm_path).NumberOfFrames == 12
+    # one report for the series: every slice is a source of its measurements, every output of the series evidence
+    (sr_path,) = [tmp_path / "out" / p for p in series["outputs"]["sr"]]
+    assert dicom_validation_errors(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    (group,) = sr.content.get_image_measurement_groups()
+    slices = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (mixed_folder / "ct_series").iterdir()}
+    assert {ref.referenced_sop_instance_uid for ref in group.source_images} == slices
+    evidence = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in study.ReferencedSeriesSequence for item in s.ReferencedSOPSequence}
+    outputs = {pydicom.dcmread(tmp_path / "out" / p).SOPInstanceUID for p in series["outputs"]["sc"] + series["outputs"]["pm"]}
+    assert evidence == slices | outputs
     volume = LoadImage(reader=transforms.DicomReader(), image_only=True)(str(mixed_folder / "ct_series"))
     evidence = nib.load(tmp_path / "out" / series["outputs"]["nifti"][0])
     assert evidence.shape == tuple(volume.shape) and np.allclose(evidence.affine, volume.affine.numpy(), atol=1e-4)
@@ -176,7 +190,11 @@ def test_a_3d_model_reads_an_enhanced_multiframe_volume_and_writes_dicom_per_fra
     values = evidence.get_fdata().astype(np.float32)
     slices = transforms.dicom.frame_slices(source, evidence.affine)
     assert np.array_equal(stored, np.stack([values[..., s].T for s in slices]))  # frame f holds the map at frame f's plane
-    for path in [pm_path, *[tmp_path / "out" / p for p in record["outputs"]["sc"]]]:
+    (sr_path,) = [tmp_path / "out" / p for p in record["outputs"]["sr"]]
+    (group,) = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    assert [(r.referenced_sop_instance_uid, r.referenced_frame_numbers) for r in group.source_images] == [
+        (source.SOPInstanceUID, None)]  # the whole volume
+    for path in [pm_path, sr_path, *[tmp_path / "out" / p for p in record["outputs"]["sc"]]]:
         assert dicom_validation_errors(path) == [], path
 
 

@@ -33,7 +33,8 @@ def _command(input_dir, out, ckpt):
 def _whole(path):
     """Read a final-named output completely: raises if it is truncated or half-written."""
     if path.suffix == ".dcm":
-        pydicom.dcmread(path).pixel_array
+        ds = pydicom.dcmread(path)
+        ds.ContentSequence if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" else ds.pixel_array  # an SR: no pixels
     elif path.name.endswith(".nii.gz"):
         nib.load(path).get_fdata()
     elif path.suffix == ".png":

@@ -15,11 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
 from bundle.pacs.audit import AuditTrail
 from bundle.pacs.config import REPOSITORY, Credentials, Endpoint, PacsConfigError, load_config
+from bundle.pacs.dicomweb import DicomWebService
 from bundle.pacs.outbox import Job, jobs_in
 from bundle.pacs.pipeline import echo, resend, retriever_for, run_study
 from bundle.pacs.protocol import PacsError
@@ -148,14 +150,15 @@ def test_https_verifies_the_certificate_and_trusts_a_given_ca(pacs, tmp_path, ch
 
 # -- on demand ------------------------------------------------------------------------------------
 
-def test_on_demand_over_dicomweb_puts_references_to_the_sources_into_the_same_study(pacs, tmp_path, checkpoint, our_port):
+def test_on_demand_over_dicomweb_puts_references_to_the_sources_into_the_same_study(pacs, tmp_path, checkpoint, our_port,
+                                                                                     credentials):
     study = uploaded_study(pacs, tmp_path / "source", index=1)
     config = write_config(tmp_path, checkpoint, our_port, {"pacs": endpoint_of(pacs)},
                           run={"retrieve_with": "wado-rs", "send_with": "stow-rs"})
     result = pacs_cli(config, "run", "--study", study.study)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert (f"stored at {pacs.dicomweb_url} (DICOMweb): 3 Parametric Map, 4 Secondary Capture "
-            "(3 new series in 1 source study)") in result.stdout
+    assert (f"stored at {pacs.dicomweb_url} (DICOMweb): 4 Comprehensive 3D SR, 3 Parametric Map, 4 Secondary Capture "
+            "(5 new series in 1 source study)") in result.stdout
     assert_results_reference_the_sources(results_in(pacs, study), study, {*study.ct_instances, study.cr_instance})
     (job,) = jobs_in(tmp_path / "outbox")
     assert job.processed == 4 and not job.pending()
@@ -163,6 +166,20 @@ def test_on_demand_over_dicomweb_puts_references_to_the_sources_into_the_same_st
     assert_no_identifier_in(result.stdout + result.stderr, study)
     assert_no_password_under(tmp_path / "outbox", tmp_path / "work")
     assert not list((tmp_path / "work").rglob("*.dcm"))  # retrieved sources are dropped once the results exist
+    # the reports, found on the PACS by QIDO-RS and fetched by WADO-RS, say what predictions.json says
+    client = DicomWebService(load_config(config).endpoint("pacs")).client
+    reports = [client.retrieve_instance(study.study, series["0020000E"]["Value"][0], instance["00080018"]["Value"][0])
+               for series in client.search_for_series(study.study, search_filters={"Modality": "SR"})
+               for instance in client.search_for_instances(study.study, series["0020000E"]["Value"][0])]
+    records = {Path(path).stem: record for record in json.loads((job.folder / "results" / "predictions.json").read_text())
+               for path in record["outputs"].get("sr", [])}
+    assert len(reports) == len(records) == 4
+    for ds in reports:
+        (group,) = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+        record = records[ds.SOPInstanceUID]
+        assert group.finding_type.meaning.lower() == record["predicted_label"]
+        read = {m.name.meaning.removeprefix("Probability of "): m.value for m in group.get_measurements()}
+        assert read == pytest.approx({"no lesion": record["p_no lesion"], "lesion": record["p_lesion"]}, abs=1e-6)
 
 
 def test_each_retrieval_protocol_brings_exactly_the_requested_instances(pacs, tmp_path, checkpoint, our_port,
@@ -201,32 +218,32 @@ def outage(pacs, tmp_path_factory, checkpoint, our_port):
 def test_a_pacs_that_is_down_leaves_results_in_the_outbox_until_resend(outage, credentials):
     study, config, archive, report = outage
     assert not report.complete and report.stored == {} and report.processed == 3  # the CR was not asked for
-    assert report.pending == {"Secondary Capture": 3, "Parametric Map": 3}
+    assert report.pending == {"Secondary Capture": 3, "Parametric Map": 3, "Comprehensive 3D SR": 3}
     assert f"no DICOM association with ARCHIVE@127.0.0.1:{archive.dicom_port}" in report.error
     assert any("NOT delivered" in line and "resend" in line for line in report.lines())
     job = Job.load(report.folder)
-    assert len(job.pending()) == 6 and {f.attempts for f in job.files} == {FAST_RETRY["attempts"]}
+    assert len(job.pending()) == 9 and {f.attempts for f in job.files} == {FAST_RETRY["attempts"]}
     assert all((job.folder / f.path).is_file() for f in job.files)
 
     archive.start()
     delivered = pacs_cli(config, "resend")
     assert delivered.returncode == 0, delivered.stdout + delivered.stderr[-3000:]
-    assert (f"stored at ARCHIVE@127.0.0.1:{archive.dicom_port} (DIMSE, as {OUR_AE}): 3 Parametric Map, "
-            "3 Secondary Capture (2 new series in 1 source study)") in delivered.stdout
+    assert (f"stored at ARCHIVE@127.0.0.1:{archive.dicom_port} (DIMSE, as {OUR_AE}): 3 Comprehensive 3D SR, "
+            "3 Parametric Map, 3 Secondary Capture (3 new series in 1 source study)") in delivered.stdout
     assert_results_reference_the_sources(results_in(archive, study), study, set(study.ct_instances))
-    assert archive.instance_count() == 6
+    assert archive.instance_count() == 9
     nothing = pacs_cli(config, "resend")
     assert nothing.returncode == 0 and "nothing to send" in nothing.stdout
     for protocol in ("c-store", "stow-rs"):  # the same results again: the same SOP Instance UIDs, no duplicate
         again = pacs_cli(config, "resend", "--again", "--send-with", protocol)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert archive.instance_count() == 6
+        assert archive.instance_count() == 9
     assert_no_identifier_in(delivered.stdout + delivered.stderr + again.stdout + again.stderr, study)
     assert_no_password_under(job.folder)
 
 
 def test_a_store_the_pacs_refuses_stays_pending_with_its_status(outage, tmp_path):
-    """An archive whose storage script fails for Parametric Maps: the SCs get there, the maps wait."""
+    """An archive whose storage script fails for Parametric Maps: the SCs and reports get there, the maps wait."""
     _, config, _, report = outage
     refuse_maps = ('function ReceivedInstanceFilter(dicom, origin, info)\n'
                    f'  if dicom.SOPClassUID == "{PM}" then error("no parametric maps here") end\n'
@@ -239,13 +256,14 @@ def test_a_store_the_pacs_refuses_stays_pending_with_its_status(outage, tmp_path
         config.write_text(json.dumps(settings))
         tried_before = {f.path: f.attempts for f in Job.load(report.folder).files}
         (partial,) = resend(load_config(config), [report.job_id], again=True, destination="refusing", send_with="c-store")
-        assert partial.stored == {"Secondary Capture": 3} and partial.pending == {"Parametric Map": 3}
+        assert partial.stored == {"Secondary Capture": 3, "Comprehensive 3D SR": 3}
+        assert partial.pending == {"Parametric Map": 3}
         assert f"not stored at REFUSING@127.0.0.1:{refusing.dicom_port}" in partial.error
         waiting = Job.load(partial.folder).pending()
         assert {f.kind for f in waiting} == {"Parametric Map"}
         assert {f.status for f in waiting} == {"status 0xA700 (Refused: Out of Resources)"}
         assert {f.attempts - tried_before[f.path] for f in waiting} == {FAST_RETRY["attempts"]}  # retried, then kept
-        assert refusing.instance_count() == 3
+        assert refusing.instance_count() == 6
     finally:
         refusing.stop()
 

@@ -284,7 +284,8 @@ def test_the_tls_node_admits_only_its_accept_list_keeps_a_limit_and_audits_every
     assert reasons[0] == "rejected: no TLS handshake within 10 s" and "certificate verify failed" in reasons[1], reasons
     (forwarded,) = [line for line in lines if line["event"] == "forwarded"]
     assert forwarded["associations"] == sorted(c["association"] for c in stores)
-    assert forwarded["stored"] == {"Parametric Map": 3, "Secondary Capture": 3} and forwarded["pending"] == {}
+    assert forwarded["stored"] == {"Comprehensive 3D SR": 3, "Parametric Map": 3, "Secondary Capture": 3}
+    assert forwarded["pending"] == {}
     assert forwarded["destination"].startswith(f"TLSPACS@127.0.0.1:{tls_pacs.dicom_port} (DIMSE, DICOM TLS")
     assert_no_identifier_in(trail.path.read_text() + log.read_text(), study)
     assert "rejected an association from FARAWAY at 127.0.0.1: calling AE title not accepted from this address" in \

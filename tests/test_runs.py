@@ -111,7 +111,9 @@ def test_four_trainings_at_once_on_a_tracking_server(dataset_2d, tmp_path, track
     _four_trainings_at_once(dataset_2d, tmp_path, "--tracking_uri", url)
     _check_four_separate_runs(mlflow.MlflowClient(url), tmp_path)
     assert not (tmp_path / "eval" / "mlflow.db").exists() and not (tmp_path / "eval" / "mlruns").exists()
-    assert len(list((store / "artifacts").rglob("model.pt"))) == 4  # uploaded to the server, not written locally
+    # uploaded to the server, not written locally: each run's best checkpoint, and the MLflow model made of it
+    checkpoints = [p.relative_to(store / "artifacts").parts for p in (store / "artifacts").rglob("model.pt")]
+    assert len([p for p in checkpoints if "models" not in p]) == len([p for p in checkpoints if "models" in p]) == 4
 
 
 def _kill_after_epoch(process: subprocess.Popen, ckpt_parent, epoch: int) -> None:
@@ -162,7 +164,9 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_as_an_uninterrupte
         assert after_resume[key] == without_break[key], key
     assert torch.equal(after_resume["optimizer"]["state"][0]["exp_avg"], without_break["optimizer"]["state"][0]["exp_avg"])
     best = torch.load(folder / "model.pt", weights_only=True)
-    assert all(torch.equal(v, torch.load(whole_folder / "model.pt", weights_only=True)[k]) for k, v in best.items())
+    best_without_break = torch.load(whole_folder / "model.pt", weights_only=True)
+    assert all(torch.equal(v, best_without_break["model"][k]) for k, v in best["model"].items())
+    assert best["description"] == best_without_break["description"]
 
 
 def test_a_checkpoint_folder_serves_one_training_at_a_time_and_resumes_only_the_same_settings(tmp_path):
@@ -192,8 +196,8 @@ def test_evaluation_and_the_sigmoid_branch_default_to_the_newest_training_with_a
     for stamp, files in [("20260101-000000-000000-aaaa", ["model.pt"]), ("20260102-000000-000000-bbbb", ["model.pt"]),
                          ("20260103-000000-000000-cccc", ["run.json"])]:  # the newest one stopped before a model
         (runs / stamp).mkdir(parents=True)
-        for name in files:
-            (runs / stamp / name).write_bytes(b"")
+        for name in files:  # an empty state dict: a checkpoint that does not describe itself
+            torch.save({}, runs / stamp / name) if name == "model.pt" else (runs / stamp / name).write_bytes(b"")
     overrides = {"bundle_root": str(ROOT), "models_dir": str(tmp_path / "models")}
     evaluation = ConfigParser()
     evaluation.read_config([str(ROOT / "configs/train.json"), str(ROOT / "configs/evaluate.json")])

@@ -36,13 +36,11 @@ from pathlib import Path
 import torch
 from monai.transforms import Compose
 
-from bundle.checkpoints import load_checkpoint
+from bundle.checkpoints import load_checkpoint, network_for_checkpoint
 from bundle.explain import boxes, faithfulness, localisation, report
 from bundle.explain.metrics import accuracy, balanced_accuracy, cohen_kappa, disease_classes, evidence_sign_consistency, roc_auc
 from bundle.explain.methods import EXPLAINERS, make_explainer
 from bundle.explain.targets import target_named
-from bundle.networks.classifier import classifier
-from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +169,9 @@ class ExplanationComparison:
 
     ``models``: name -> {"head": "linear" | "softcam", "checkpoint": path, "branch": bool}; a
     ``branch`` checkpoint is a whole ``SigmoidBranchClassifier`` (configs/train_sigmoid_branch.json).
-    ``network_options``: the classifier factory's other arguments (backbone, spatial_dims, ...).
+    ``network_options``: the classifier factory's other arguments (backbone, spatial_dims, ...) and the
+    preprocessing (image_size, window): a checkpoint that describes itself must agree with them and with its
+    entry's head and branch (``bundle.checkpoints.network_for_checkpoint``); one that does not is built with them.
     ``deletion_patch``: patch side of deletion and insertion; ``deletion_fraction``: the share of
     the patches deleted one at a time (the reference's 14 of ~256, about 6 %). ``top_k`` /
     ``top_k_threshold`` / ``localisation_patch``: top-k localisation precision (picks of raw
@@ -204,9 +204,7 @@ class ExplanationComparison:
         if not path.is_file():
             logger.info("comparison: no checkpoint for %r (%s): its rows are left out", name, path)
             return None
-        net = classifier(head=spec["head"], **self.network_options)
-        if spec.get("branch"):
-            net = SigmoidBranchClassifier.from_classifier(net)
+        net = network_for_checkpoint(path, head=spec["head"], branch=bool(spec.get("branch")), **self.network_options)
         load_checkpoint(net, path)
         return net.to(self.device).eval()
 

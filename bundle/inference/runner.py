@@ -28,6 +28,7 @@ from bundle.writers import (
     OverlayPngWriter,
     ParametricMapWriter,
     SecondaryCaptureWriter,
+    StructuredReportWriter,
 )
 
 logger = logging.getLogger("bundle.inference")
@@ -35,7 +36,7 @@ logger = logging.getLogger("bundle.inference")
 
 class EvidenceInference:
     """Run ``network`` over ``input_dir`` and write predictions, and each input's outputs with ``writers``
-    (default: NIfTI map, PNG overlay, Secondary Capture, Parametric Map), to ``output_dir``.
+    (default: NIfTI map, PNG overlay, Secondary Capture, Parametric Map, Structured Report), to ``output_dir``.
 
     ``resume``: skip inputs an earlier run into the same ``output_dir`` finished with the same model and
     writers (``bundle.inference.completion``). ``tracking`` gets an ``InferenceSummary`` at the end.
@@ -59,7 +60,7 @@ class EvidenceInference:
         self.amp_dtype = amp_dtype  # None: autocast's default for the device (float16 on CUDA)
         self.memory_format = memory_format  # channels_last on CUDA: what cuDNN's fastest convolutions take
         self.writers = list(writers) if writers is not None else [
-            NiftiMapWriter(), OverlayPngWriter(), SecondaryCaptureWriter(), ParametricMapWriter()]
+            NiftiMapWriter(), OverlayPngWriter(), SecondaryCaptureWriter(), ParametricMapWriter(), StructuredReportWriter()]
         self.resume = resume
         self.tracking = tracking
         self.model = ModelIdentity(model_name, model_version)

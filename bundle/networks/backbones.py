@@ -32,33 +32,51 @@ class BackboneFamily:
     """How to build one MONAI network family and run it up to its last feature map."""
 
     build: Callable[..., nn.Module]  # (spatial_dims, in_channels, **constructor options) -> MONAI network
-    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (net, x) -> (B, D, h, w[, d])
+    features: type[FeatureExtractor]  # runs the network up to its last feature map
     head_modules: tuple[str, ...]  # attributes of the MONAI network that form its pooling + head
     # (net, stages): replace the strides of the last ``stages`` stages by dilation; None: not offered
     dilate: Callable[[nn.Module, int], None] | None = None
     dilatable_stages: int = 0
 
 
-def _resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = net.act(net.bn1(net.conv1(x)))
-    if not net.no_max_pool:
-        x = net.maxpool(x)
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+class FeatureExtractor(nn.Module):
+    """A MONAI network run up to its last feature map (B, D, h, w[, d]), in code TorchScript compiles.
+
+    One subclass per family. ``BackboneFeatures.forward`` runs the family's ``forward`` on its own
+    ``net``; when the classifier is scripted (``ckpt_export``), ``BackboneFeatures`` hands TorchScript
+    an extractor holding that same ``net`` (``__prepare_scriptable__``), so the scripted module's
+    parameters keep their names (``features.net.*``).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
 
 
-def _densenet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # DenseNet's final ReLU lives in its class_layers; keep it with the features.
-    return F.relu(net.features(x))
+class _ResNetFeatures(FeatureExtractor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.act(self.net.bn1(self.net.conv1(x)))
+        if not self.net.no_max_pool:
+            x = self.net.maxpool(x)
+        return self.net.layer4(self.net.layer3(self.net.layer2(self.net.layer1(x))))
 
 
-def _senet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net.features(x)
+class _DenseNetFeatures(FeatureExtractor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DenseNet's final ReLU lives in its class_layers; keep it with the features.
+        return F.relu(self.net.features(x))
 
 
-def _efficientnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(x))))
-    x = net._blocks(x)
-    return net._swish(net._bn1(net._conv_head(net._conv_head_padding(x))))
+class _SENetFeatures(FeatureExtractor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+class _EfficientNetFeatures(FeatureExtractor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(self.net._conv_stem_padding(x))))
+        x = self.net._blocks(x)
+        return self.net._swish(self.net._bn1(self.net._conv_head(self.net._conv_head_padding(x))))
 
 
 def _atrous(conv: nn.Module, dilation: int) -> None:
@@ -106,7 +124,7 @@ def _resnet(depth: int) -> BackboneFamily:
     factory = getattr(nets, f"resnet{depth}")
     return BackboneFamily(
         build=lambda dims, ch, **kw: factory(spatial_dims=dims, n_input_channels=ch, num_classes=2, **kw),
-        features=_resnet_features,
+        features=_ResNetFeatures,
         head_modules=("avgpool", "fc"),
         dilate=_dilate_resnet,
         dilatable_stages=3,
@@ -117,19 +135,19 @@ BACKBONES: dict[str, BackboneFamily] = {
     **{f"resnet{d}": _resnet(d) for d in (10, 18, 34, 50, 101, 152)},
     "densenet121": BackboneFamily(
         build=lambda dims, ch, **kw: nets.DenseNet121(spatial_dims=dims, in_channels=ch, out_channels=2, **kw),
-        features=_densenet_features,
+        features=_DenseNetFeatures,
         head_modules=("class_layers",),
     ),
     "seresnet50": BackboneFamily(
         build=lambda dims, ch, **kw: nets.SEResNet50(spatial_dims=dims, in_channels=ch, num_classes=2, **kw),
-        features=_senet_features,
+        features=_SENetFeatures,
         head_modules=("adaptive_avg_pool", "dropout", "last_linear"),
     ),
     "efficientnet-b0": BackboneFamily(
         build=lambda dims, ch, **kw: nets.EfficientNetBN(
             "efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=ch, num_classes=2, **kw
         ),
-        features=_efficientnet_features,
+        features=_EfficientNetFeatures,
         head_modules=("_avg_pooling", "_dropout", "_fc"),
     ),
 }
@@ -195,7 +213,13 @@ class BackboneFeatures(nn.Module):
         return output_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._family.features(self.net, x)
+        return self._family.features.forward(self, x)  # the family's code, on this module's ``net``
+
+    def __prepare_scriptable__(self) -> FeatureExtractor:
+        """What ``torch.jit.script`` compiles in place of this module: the family's extractor over the same
+        ``net`` (this module's other attributes, a family record and key sets, are Python-only). As for any
+        ``__prepare_scriptable__``, torch puts it into the module tree it was given: script a copy to keep one."""
+        return self._family.features(self.net)
 
     def load_weights(self, path: str | Path) -> None:
         """Load backbone weights from a local checkpoint: of the same MONAI network, a torchvision

@@ -51,8 +51,14 @@ class ClassEvidenceHead(nn.Module):
         self.evidence_maps: torch.Tensor | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.evidence_maps = self.class_evidence_layer(features)
-        return self.evidence_maps.flatten(2).mean(dim=2)
+        return self.forward_with_maps(features)[0]
+
+    def forward_with_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and the evidence maps (B, C, h, w[, d]) they are the spatial mean of."""
+        maps = self.class_evidence_layer(features)
+        if not torch.jit.is_scripting():  # kept for the loss and the explainers; a scripted model returns them
+            self.evidence_maps = maps
+        return maps.flatten(2).mean(dim=2), maps
 
     def class_maps(self, features: torch.Tensor) -> torch.Tensor:
         """Class evidence maps (B, C, h, w[, d]) of ``features``: the maps the logits are the mean of."""
@@ -69,33 +75,45 @@ class LinearHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features.flatten(2).mean(dim=2))
 
+    def forward_with_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and their class activation maps (B, C, h, w[, d]) (``class_maps``)."""
+        return self.forward(features), self.class_maps(features)
+
     def class_maps(self, features: torch.Tensor) -> torch.Tensor:
         """Class activation maps (Zhou et al. 2016) (B, C, h, w[, d]): the linear layer applied at
         every location. Exact for this head: their spatial mean equals the logits."""
-        return torch.einsum("cd,bd...->bc...", self.fc.weight, features) + self.fc.bias.view(1, -1, *[1] * (features.ndim - 2))
+        bias = self.fc.bias.reshape([1, -1] + [1] * (features.dim() - 2))
+        return torch.einsum("cd,bd...->bc...", self.fc.weight, features) + bias
 
 
 HEADS = {"softcam": ClassEvidenceHead, "linear": LinearHead}
 
 
 class ImageClassifier(nn.Module):
-    """Backbone features followed by a classification head; ``forward`` returns logits (B, C)."""
+    """Backbone features followed by a classification head; ``forward`` returns logits (B, C).
+
+    Scriptable (``torch.jit.script``, as ``monai.bundle ckpt_export`` does): the scripted module keeps
+    ``forward`` and ``forward_with_maps``. ``build_options``: the keyword arguments of ``classifier``
+    it was built with (see there), which ``bundle.checkpoints`` saves beside the weights.
+    """
+
+    # Python-only (a scripted model returns its maps): not compiled, and not read while scripting. TorchScript
+    # honours the second list only for properties a class defines itself: subclasses define it again.
+    __jit_unused_properties__ = __jit_ignored_attributes__ = ["evidence_maps"]
 
     def __init__(self, features: BackboneFeatures, head: nn.Module):
         super().__init__()
         self.features = features
         self.head = head
+        self.build_options: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    @torch.jit.export
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C) and the class maps (B, C, h, w[, d]) they are the spatial mean of, in one pass."""
-        features = self.features(x)
-        if isinstance(self.head, ClassEvidenceHead):
-            logits = self.head(features)
-            return logits, self.head.evidence_maps
-        return self.head(features), self.head.class_maps(features)
+        return self.head.forward_with_maps(self.features(x))
 
     @property
     def evidence_maps(self) -> torch.Tensor:
@@ -123,11 +141,16 @@ def classifier(
     ``backbone_kwargs``: options for the MONAI backbone's constructor (e.g. ``{"widen_factor": 0.25}``).
     ``output_stride``: input size / evidence map size; None keeps the backbone's own (16 for MONAI's
     ResNets at their default stem), 8 or 4 dilate a ResNet's last stages (``BackboneFeatures``).
+    The model keeps these arguments in ``build_options`` (``bundle.checkpoints`` describes a checkpoint
+    with them; keep them plain values: strings, numbers, lists, dicts, None).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    options = dict(locals())  # every keyword argument, so a new option is described with the others
     features = BackboneFeatures(backbone, spatial_dims=spatial_dims, in_channels=in_channels,
                                 output_stride=output_stride, **(backbone_kwargs or {}))
     if backbone_weights:
         features.load_weights(backbone_weights)
-    return ImageClassifier(features, HEADS[head](features.num_features, num_classes, spatial_dims))
+    model = ImageClassifier(features, HEADS[head](features.num_features, num_classes, spatial_dims))
+    model.build_options = options
+    return model

@@ -64,6 +64,8 @@ class SigmoidBranchClassifier(ImageClassifier):
     statistics frozen) even after ``.train()``; only ``branch`` trains.
     """
 
+    evidence_maps = ImageClassifier.evidence_maps  # defined here too, for TorchScript (see ImageClassifier)
+
     def __init__(self, features: BackboneFeatures, head: nn.Module):
         super().__init__(features, head)
         self.branch = fresh_head_like(head, features)
@@ -74,8 +76,10 @@ class SigmoidBranchClassifier(ImageClassifier):
     @classmethod
     def from_classifier(cls, model: ImageClassifier) -> SigmoidBranchClassifier:
         """Wrap a trained classifier. Its ``features`` and ``head`` modules are shared, not copied,
-        and are frozen in place."""
-        return cls(model.features, model.head)
+        and are frozen in place; its ``build_options`` are carried over."""
+        wrapped = cls(model.features, model.head)
+        wrapped.build_options = dict(model.build_options)
+        return wrapped
 
     def train(self, mode: bool = True) -> SigmoidBranchClassifier:
         super().train(mode)
@@ -107,12 +111,19 @@ class BranchInferer(Inferer):
         return network(inputs, *args, branch=True, **kwargs)
 
 
-def sigmoid_branch_classifier(baseline_checkpoint: str | Path | None = None, **classifier_options) -> SigmoidBranchClassifier:
-    """Build the baseline with ``bundle.networks.classifier(**classifier_options)``, load its trained
-    weights from ``baseline_checkpoint`` (as saved by the training config; every key must match), and
-    add a fresh sigmoid branch. Without a checkpoint (e.g. to load a whole wrapper checkpoint later)
-    the baseline keeps its initial weights."""
-    model = classifier(**classifier_options)
-    if baseline_checkpoint is not None:
-        load_checkpoint(model, baseline_checkpoint)
+def sigmoid_branch_classifier(baseline_checkpoint: str | Path | None = None, **options) -> SigmoidBranchClassifier:
+    """Build the baseline saved in ``baseline_checkpoint`` (by the training config; every key must match),
+    load its trained weights and add a fresh sigmoid branch.
+
+    ``options``: ``bundle.networks.classifier`` arguments, and ``image_size`` / ``window``; a baseline that
+    describes itself must agree with them (``bundle.checkpoints.network_for_checkpoint``), one that does not is
+    built with them. Without a checkpoint (e.g. to load a whole wrapper checkpoint later) the baseline is
+    ``classifier(**options)`` with its initial weights."""
+    from bundle.checkpoints import network_for_checkpoint
+
+    if baseline_checkpoint is None:
+        return SigmoidBranchClassifier.from_classifier(classifier(**{k: v for k, v in options.items()
+                                                                     if k not in ("image_size", "window")}))
+    model = network_for_checkpoint(baseline_checkpoint, branch=False, **options)
+    load_checkpoint(model, baseline_checkpoint)
     return SigmoidBranchClassifier.from_classifier(model)

@@ -19,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     ParametricMapStorage,
     SecondaryCaptureImageStorage,
@@ -35,7 +36,8 @@ from bundle.pacs.security import AccessPolicy, client_context, reject, server_co
 logger = logging.getLogger(__name__)
 
 # What the bundle writes: requested explicitly (pynetdicom's StoragePresentationContexts lacks Parametric Map)
-RESULT_SOP_CLASSES = (SecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage, ParametricMapStorage)
+RESULT_SOP_CLASSES = (SecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage, ParametricMapStorage,
+                      Comprehensive3DSRStorage)
 MAX_CONTEXTS = 128  # per association, DICOM PS3.8
 
 

@@ -33,6 +33,7 @@ RESULT_KINDS = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
     "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
     "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
 }
 
 

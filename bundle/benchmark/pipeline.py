@@ -97,12 +97,13 @@ def whole_run(runner, warm_up: int = 8) -> float:
     in steady state: a first run over ``warm_up`` of the images, into another folder, pays the one-off
     start-up costs (imports, kernel selection, first writer calls) that a long folder amortises."""
     input_dir, output_dir = runner.input_dir, runner.output_dir
-    with tempfile.TemporaryDirectory() as warm:
-        for path in sorted(input_dir.glob("*.dcm"))[:warm_up]:
-            (Path(warm) / path.name).symlink_to(path)
-        runner.input_dir, runner.output_dir = Path(warm), output_dir.with_name(output_dir.name + "-warm-up")
-        runner.run()
-    runner.input_dir, runner.output_dir = input_dir, output_dir
+    if warm_up:
+        with tempfile.TemporaryDirectory() as warm:
+            for path in sorted(input_dir.glob("*.dcm"))[:warm_up]:
+                (Path(warm) / path.name).symlink_to(path)
+            runner.input_dir, runner.output_dir = Path(warm), output_dir.with_name(output_dir.name + "-warm-up")
+            runner.run()
+        runner.input_dir, runner.output_dir = input_dir, output_dir
     start = time.perf_counter()
     results, _ = runner.run()
     return len(results) / (time.perf_counter() - start)
@@ -125,6 +126,18 @@ def fsync_clock():
     bundle.files._fsync = timed
     try:
         yield spent
+    finally:
+        bundle.files._fsync = original
+
+
+@contextmanager
+def fsync_skipped():
+    """Atomic writes without their fsync calls while the block runs, to measure what durability costs the
+    pipeline. Instrumentation only: the bundle itself always syncs."""
+    original = bundle.files._fsync
+    bundle.files._fsync = lambda *args, **kwargs: None
+    try:
+        yield
     finally:
         bundle.files._fsync = original
 
@@ -195,6 +208,9 @@ def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, dev
     torch.save(classifier(**model_options).state_dict(), ckpt)
     runner = inference_runner(input_dir, work / "out", ckpt, device, **options)
     full = whole_run(runner)  # its run() loads the checkpoint the forward-only timing then uses
+    runner.output_dir = work / "out-without-fsync"
+    with fsync_skipped():
+        unsynced = whole_run(runner, warm_up=0)
     cuda = runner.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(runner.device) / 2**20 if cuda else rss_mib()
     inputs, _ = discover_inputs(input_dir, runner.spatial_dims)
@@ -203,6 +219,7 @@ def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, dev
     few = InferenceDataset(inputs[: stage_images + 1], runner.load, runner.prepare, runner.spatial_dims)
     return {"model": label, "options": options, "pipeline_images_per_s": round(full, 2),
             "forward_images_per_s": round(forward, 2), "ratio": round(full / forward, 3),
+            "without_fsync_images_per_s": round(unsynced, 2),
             "batch_size": runner.batch_size, "num_workers": runner.num_workers, "writer_threads": runner.writer_threads,
             "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(), "peak_mib": round(peak, 1),
             "loader_worker_peak_mib": None if cuda else round(rss_mib(resource.RUSAGE_CHILDREN), 1),

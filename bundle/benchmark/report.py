@@ -68,8 +68,8 @@ def _header(report: dict) -> list[str]:
 
 PAIR_TABLE = [
     "| setting | batch | precision | black box (images/s) | SoftCAM (images/s) | time ratio | target "
-    "| memory black box / SoftCAM (MiB) | memory ratio | GFLOP / image | SoftCAM GFLOP/s |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| memory black box / SoftCAM (MiB) | memory ratio | GFLOP / image | SoftCAM GFLOP/s | load average |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 
 
@@ -82,7 +82,7 @@ def _pair_rows(report: dict, kind: str) -> list[str]:
             f"| {row['label']} | {row['setting']['batch_size']} | {row['precision']} | {rate(pair['linear']['images_per_s'])} | "
             f"{rate(pair['softcam']['images_per_s'])} | **{pair['ratio']:.3f}** | <= {report['targets'][kind]} | "
             f"{_mib(pair['linear']['memory_mib'])} / {_mib(pair['softcam']['memory_mib'])} | {_x(pair['memory_ratio'])} | "
-            f"{gflop:,.1f} | {gflop * pair['softcam']['images_per_s']:,.1f} |")
+            f"{gflop:,.1f} | {gflop * pair['softcam']['images_per_s']:,.1f} | {' / '.join(map(str, row['load_average']))} |")
     return lines
 
 
@@ -141,15 +141,17 @@ def _pipeline(report: dict) -> list[str]:
              "forward pass with evidence maps, maps back onto the source grid and every configured writer in writer threads, "
              "completion records, tables), timed on its second run (the first, on 8 of the images, pays one-off costs);",
              "- **forward only**: the run's `predict` (forward with maps, upsampled) on the same preprocessed images in memory;",
+             "- **without fsync**: the pipeline again with the atomic writes' fsync calls skipped (measurement only);",
              "- **stages**: each stage alone, one after another in one thread, per image: wall ms (this thread's CPU ms; "
              "ms waiting in fsync, which every atomic write does twice: the file, then its folder).", "",
-             "| model | pipeline (images/s) | forward only (images/s) | ratio | target | loader workers / writer threads "
-             "| peak memory process / worker (MiB) | load average |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | pipeline (images/s) | forward only (images/s) | ratio | target | without fsync (images/s) "
+             "| loader workers / writer threads | peak memory process / worker (MiB) | load average |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in pipe["results"]:
         target = findings.pipeline_target(report, row)
         lines.append(f"| {row['model']} | {row['pipeline_images_per_s']} | {row['forward_images_per_s']} | **{row['ratio']}** "
-                     f"| {'none' if target is None else f'>= {target}'} | {row['num_workers']} / {row['writer_threads']} | "
+                     f"| {'none' if target is None else f'>= {target}'} | {row.get('without_fsync_images_per_s', 'n/a')} "
+                     f"| {row['num_workers']} / {row['writer_threads']} | "
                      f"{_mib(row['peak_mib'])} / {_mib(row['loader_worker_peak_mib'])} | {' / '.join(map(str, row['load_average']))} |")
     names = list(dict.fromkeys(name for row in pipe["results"] for name in row["stages_ms_per_image"]))
     lines += ["", "| stage (ms per image: wall (CPU; fsync)) | " + " | ".join(r["model"] for r in pipe["results"]) + " |",

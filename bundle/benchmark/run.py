@@ -62,7 +62,7 @@ def measure_setting(setting: Setting, run: Callable, repeats: int = 3, budget_s:
     softcam_map = maps["softcam"]["seconds_per_image"]
     return {
         "setting": asdict(setting), "label": setting.label, "precision": setting.precision, "feature_channels": channels,
-        "gpu_target": setting.gpu_target,
+        "gpu_target": setting.gpu_target, "load_average": [round(v, 2) for v in os.getloadavg()],
         "gflop_per_image": {kind: flops[kind] / 1e9 for kind in ("forward", "train", "head")},
         "feature_map": flops["feature_map"],
         "forward": {**forward, "ratio": forward["softcam"]["seconds"] / forward["linear"]["seconds"],

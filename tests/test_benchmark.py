@@ -185,8 +185,9 @@ def made_up(**changes) -> dict:
             "role": "demo", "model": "resnet18, 128^2 (the demo's)", "pipeline_images_per_s": 50.0,
             "forward_images_per_s": 100.0, "ratio": 0.5, "without_fsync_images_per_s": 80.0, "batch_size": 8, "num_workers": 1, "writer_threads": 2,
             "torch_threads": 1, "cores": 2, "peak_mib": 700.0, "loader_worker_peak_mib": 500.0, "load_average": [1, 1, 1],
-            "stages_ms_per_image": {"loading": {**stage, "ms": 10.0}, "forward pass": {**stage, "ms": 10.0, "cpu_ms": None},
-                                    "maps to the input grid": stage, "NiftiMapWriter (nifti)": stage, "completion record": stage}}]},
+            "stages_ms_per_image": {"loading": {**stage, "ms": 10.0, "cpu_ms": 10.0}, "forward pass": {**stage, "ms": 10.0, "cpu_ms": 10.0},
+                                    "maps to the input grid": dict(stage), "NiftiMapWriter (nifti)": dict(stage),
+                                    "completion record": dict(stage)}}]},
     }
     for path, value in changes.items():
         *parents, key = path.split(".")
@@ -211,14 +212,18 @@ def test_the_report_says_data_loading_bounds_training_when_it_is_slower_than_the
 
 def test_the_report_says_the_writers_bound_inference_when_their_lane_is_the_busiest():
     writers = made_up(**{"pipeline.results.0.stages_ms_per_image.NiftiMapWriter (nifti)":
-                         {"ms": 40.0, "cpu_ms": 5.0, "fsync_ms": 30.0}})
+                         {"ms": 40.0, "cpu_ms": 5.0, "fsync_ms": 30.0}})  # its lane: (1 + 35 + 1) / 2 threads
     text = statements(writers)
     assert "the writers bound inference" in text and "writing 42.0 ms of which 30.0 ms (71 %) waiting in fsync" in text
     assert "with every fsync skipped (measured only) the run reaches 80 images/s, so durability costs 38 %" in text
-    forward = made_up(**{"pipeline.results.0.stages_ms_per_image.forward pass.ms": 40.0})
+    forward = made_up(**{"pipeline.results.0.stages_ms_per_image.forward pass.cpu_ms": 40.0})
     assert "the forward pass and the model's thread bound inference" in statements(forward)
-    loading = made_up(**{"pipeline.results.0.stages_ms_per_image.loading.ms": 80.0})
+    loading = made_up(**{"pipeline.results.0.stages_ms_per_image.loading.cpu_ms": 80.0})
     assert "loading bound inference" in statements(loading)
+    # on a CPU, every stage's CPU time over the cores: 10 + 10 + 30 + 1 + 1 = 52 ms over 2 cores, past each lane alone
+    cores = made_up(on_gpu=False, **{"pipeline.results.0.stages_ms_per_image.maps to the input grid.cpu_ms": 30.0})
+    assert "The busiest lane is the CPU cores (every stage's CPU time over 2 cores) at 26.0 ms" in statements(cores)
+    assert "the CPU cores bound inference; the run took 20.0 ms per image, 0.8 times that" in statements(cores)
 
 
 def test_the_pipeline_target_is_met_or_missed_by_the_measured_ratio():

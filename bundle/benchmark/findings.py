@@ -96,19 +96,25 @@ def training_bounds(report: dict) -> list[str]:
     return lines
 
 
+def _busy(cost: dict) -> float:
+    """A stage's own time per image: its CPU time and its waits in fsync, not the time other work on the
+    machine took from it (wall where no CPU time was measured)."""
+    return cost["ms"] if cost.get("cpu_ms") is None else cost["cpu_ms"] + cost["fsync_ms"]
+
+
 def pipeline_lanes(row: dict, on_gpu: bool) -> dict[str, float]:
-    """Milliseconds per image each lane of the pipeline needs: stages in the same threads add up, threads of
-    one kind share the work; on a CPU all stages also share the cores (their CPU time over the cores)."""
+    """Milliseconds per image each lane of the pipeline needs (stages' own time: ``_busy``): stages in the same
+    threads add up, threads of one kind share the work; on a CPU all stages also share the cores."""
     stages = row["stages_ms_per_image"]
-    loading, forward = stages["loading"]["ms"], stages["forward pass"]["ms"]
-    written = sum(c["ms"] for name, c in stages.items() if name not in ("loading", "forward pass"))
-    lanes = {"the forward pass": forward + (loading if row["num_workers"] == 0 else 0.0),
+    loading, forward = _busy(stages["loading"]), stages["forward pass"]
+    model = forward["ms"] if on_gpu else _busy(forward) / min(row["torch_threads"], row["cores"])
+    written = sum(_busy(c) for name, c in stages.items() if name not in ("loading", "forward pass"))
+    lanes = {"the forward pass": model + (loading if row["num_workers"] == 0 else 0.0),
              WRITING: written / max(1, row["writer_threads"])}
     if row["num_workers"]:
         lanes["loading (DataLoader workers)"] = loading / row["num_workers"]
     if not on_gpu:
-        cpu = sum(c["cpu_ms"] for name, c in stages.items() if name != "forward pass")
-        cpu += forward * min(row["torch_threads"], row["cores"])
+        cpu = sum(c["cpu_ms"] for c in stages.values())
         lanes[f"the CPU cores (every stage's CPU time over {row['cores']} cores)"] = cpu / row["cores"]
     return lanes
 
@@ -135,9 +141,10 @@ def inference_bounds(report: dict) -> list[str]:
         lines.append(
             f"{row['model']}: the pipeline runs at {row['ratio']:.3f} of the forward pass, {verdict}. Per image: loading "
             f"{stages['loading']['ms']:.1f} ms, the forward pass {stages['forward pass']['ms']:.1f} ms, writing "
-            f"{writing:.1f} ms of which {fsync:.1f} ms ({percent(fsync / writing)}) waiting in fsync. The busiest lane is "
-            f"{busiest} at {lanes[busiest]:.1f} ms per image: {_bound_name(busiest)} bound inference "
-            f"(the run took {took:.1f} ms per image).")
+            f"{writing:.1f} ms of which {fsync:.1f} ms ({percent(fsync / writing) if writing else 'n/a'}) waiting in fsync. "
+            "The busiest lane is "
+            f"{busiest} at {lanes[busiest]:.1f} ms per image (CPU and fsync time): {_bound_name(busiest)} bound "
+            f"inference; the run took {took:.1f} ms per image, {took / lanes[busiest]:.1f} times that.")
         unsynced = row.get("without_fsync_images_per_s")
         if unsynced:
             cost = 1 - row["pipeline_images_per_s"] / unsynced
@@ -194,7 +201,9 @@ def gpu_bounds(report: dict) -> list[str]:
         forward = r["forward"]["softcam"]["images_per_s"]
         for p in report["pipeline"]["results"]:
             stages = p["stages_ms_per_image"]
-            per_image = sum(c["ms"] for k, c in stages.items() if k not in ("loading", "forward pass"))
+            per_image = sum(_busy(c) for k, c in stages.items() if k not in ("loading", "forward pass"))
+            if not per_image:
+                continue
             sustained = 1000 * p["writer_threads"] / per_image
             if sustained < forward:
                 verdict = (f"the writers bound it: keeping up with the forward pass would take "

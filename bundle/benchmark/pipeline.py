@@ -77,19 +77,21 @@ def inference_runner(input_dir: Path, output_dir: Path, ckpt: Path, device: str,
     return workflow.parser.get_parsed_content("inference")
 
 
-def forward_only(runner, dataset: InferenceDataset, repeats: int) -> float:
-    """Images per second of ``runner.predict`` (forward with maps, upsampled) on the preprocessed images in memory."""
+def forward_only(runner, dataset: InferenceDataset, repeats: int) -> tuple[float, float]:
+    """Images per second of ``runner.predict`` (forward with maps, upsampled) on the preprocessed images in
+    memory, and the process's CPU milliseconds per image meanwhile (all torch threads)."""
     images = torch.stack([dataset[i]["image"].as_tensor() for i in range(len(dataset))]).to(runner.device)
     batch = runner.batch_size
     with torch.no_grad():
         runner.predict(images[:batch])  # warm-up
         synchronize(runner.device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             for i in range(0, len(images), batch):
                 runner.predict(images[i : i + batch])
         synchronize(runner.device)
-    return repeats * len(images) / (time.perf_counter() - start)
+    count = repeats * len(images)
+    return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
 
 
 def whole_run(runner, warm_up: int = 8) -> float:
@@ -163,10 +165,10 @@ class _Stopwatch:
         return {stage: {k: round(v / c["images"], 2) for k, v in c.items() if k != "images"} for stage, c in self.costs.items()}
 
 
-def stage_costs(runner, dataset: InferenceDataset, out: Path, forward_images_per_s: float) -> dict[str, dict]:
+def stage_costs(runner, dataset: InferenceDataset, out: Path, forward: tuple[float, float]) -> dict[str, dict]:
     """Milliseconds per image (wall, this thread's CPU, of which waiting in fsync) of each stage of the run,
     one after the other in this thread, on ``dataset``'s inputs with the model's own maps: loading
-    (decode, conformance, display, preprocessing), the forward pass (from ``forward_images_per_s``),
+    (decode, conformance, display, preprocessing), the forward pass (``forward_only``'s rate and CPU time),
     the maps on the input grid, each writer of ``runner.writers`` (a warm-up input first) and the
     completion record. Every file goes to a new name under ``out``, as in a run."""
     clock = _Stopwatch()
@@ -193,9 +195,9 @@ def stage_costs(runner, dataset: InferenceDataset, out: Path, forward_images_per
         with clock("completion record"):
             records.record(case.input, case.probabilities, case.predicted_class, outputs, case.notes)
     costs = clock.per_image()
-    forward_ms = round(1000 / forward_images_per_s, 2)
-    return {"loading": costs.pop("loading"), "forward pass": {"ms": forward_ms, "cpu_ms": None, "fsync_ms": 0.0},
-            **costs}
+    rate, cpu_ms = forward
+    return {"loading": costs.pop("loading"),
+            "forward pass": {"ms": round(1000 / rate, 2), "cpu_ms": round(cpu_ms, 2), "fsync_ms": 0.0}, **costs}
 
 
 def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, device: str, passes: int = 3,
@@ -218,7 +220,7 @@ def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, dev
     forward = forward_only(runner, dataset, passes)
     few = InferenceDataset(inputs[: stage_images + 1], runner.load, runner.prepare, runner.spatial_dims)
     return {"model": label, "options": options, "pipeline_images_per_s": round(full, 2),
-            "forward_images_per_s": round(forward, 2), "ratio": round(full / forward, 3),
+            "forward_images_per_s": round(forward[0], 2), "ratio": round(full / forward[0], 3),
             "without_fsync_images_per_s": round(unsynced, 2),
             "batch_size": runner.batch_size, "num_workers": runner.num_workers, "writer_threads": runner.writer_threads,
             "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(), "peak_mib": round(peak, 1),

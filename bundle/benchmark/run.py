@@ -110,7 +110,8 @@ def run_benchmark(settings: list[Setting], device: str = "cpu", repeats: int = 3
                   log: Callable = print) -> dict:
     """Measure everything and return the report (what ``report.write_report`` renders and stores as JSON).
     ``pipeline_models``: label -> config overrides of configs/inference.json (``pipeline.pipeline_models``);
-    ``profiled``: the settings whose SoftCAM forward and training step are profiled (default: the first)."""
+    ``profiled``: the settings whose SoftCAM forward and training step are profiled (default: the first GPU
+    target's setting measured, else the first setting)."""
     load_before = os.getloadavg()
     started = time.perf_counter()
     with FreshProcesses(threads) as run:
@@ -124,7 +125,8 @@ def run_benchmark(settings: list[Setting], device: str = "cpu", repeats: int = 3
         measured = [Setting(**r["setting"]) for r in results if "error" not in r]
         if not measured:
             raise RuntimeError("no setting could be measured: " + "; ".join(r["error"] for r in results))
-        profiles = [run(profile_case, s, kind, "softcam") for s in profiled or measured[:1] for kind in ("forward", "train")]
+        profiled = profiled or [s for s in measured if s.gpu_target][:1] or measured[:1]
+        profiles = [run(profile_case, s, kind, "softcam") for s in profiled for kind in ("forward", "train")]
         loading = [run(augmentation_rate, s, augmentation_images if s.spatial_dims == 2 else max(2, augmentation_images // 8))
                    for s in _one_per_size(measured)]
         pipelines = measure_pipelines(run, pipeline_images, device, pipeline_models or {}, image_rows=pipeline_image_rows,

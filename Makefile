@@ -36,7 +36,7 @@ ON_DEMO_DATA := --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval $(DEMO_MODE
 # The comparison builds every model with the training config's output stride.
 COMPARE_AS_TRAINED := '--comparison\#network_options\#output_stride' '@output_stride'
 
-.PHONY: install install-test demo demo-3d lambda-sweep test clean
+.PHONY: install install-test demo demo-3d lambda-sweep bench bench-gpu test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,22 @@ demo-3d: install
 lambda-sweep: install
 	$(BIN)/python scripts/lambda_sweep.py --demo $(DEMO) --epochs $(DEMO_EPOCHS) --lambda1 $(SWEEP_LAMBDA1) \
 		--demo_sparse_lambda1 $(DEMO_SPARSE_LAMBDA1) -- $(DEMO_MODEL)
+
+# The benchmark (docs/benchmarks.md, every statement computed from the run's figures) with the demo's model.
+bench: export BENCH_DEMO_MODEL = $(DEMO_MODEL)
+bench: install
+	$(BIN)/python scripts/benchmark.py --threads 1 --demo-model="$$BENCH_DEMO_MODEL"
+
+# The GPU targets' run (ResNet-50 224^2 bf16, the bundle's stem and torchvision's) on a CUDA machine: torch's
+# CUDA build from TORCH_CUDA_INDEX unless the environment's torch already sees a GPU (where that index cannot
+# be reached, install a CUDA torch into $(VENV) by hand, or point VENV at an environment that has one).
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
+CUDA_TORCH_CHECK := $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"
+bench-gpu: install
+	$(CUDA_TORCH_CHECK) 2>/dev/null || { $(BIN)/python -m pip install -q --force-reinstall --no-deps $(TORCH) \
+		--index-url $(TORCH_CUDA_INDEX) && $(BIN)/python -m pip install -q $(TORCH) --index-url $(TORCH_CUDA_INDEX); }
+	$(CUDA_TORCH_CHECK) || { echo "torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') sees no CUDA device"; exit 1; }
+	$(BIN)/python scripts/benchmark.py --gpu-targets --device cuda
 
 test: install-test
 	$(BIN)/python -m pytest -q

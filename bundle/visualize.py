@@ -128,9 +128,11 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # loading it per image costs more than drawing
 
 
-def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
-    """Append a black band under the image (rows, cols, 3) uint8 with the text lines and a jet colour bar."""
-    width = rgb.shape[1]
+# A run draws the same few legends over and over (the text is class, probability to 2 decimals, model and a
+# fixed note; the width is the image's): each band is drawn once, kept read-only, and copied under its images.
+@functools.lru_cache(maxsize=512)
+def legend_band(width: int, lines: tuple[str, ...]) -> np.ndarray:
+    """A black band (rows, ``width``, 3) uint8 with the text ``lines`` and a jet colour bar under them."""
     font_size = max(10, width // 40)
     font = _font(font_size)
     band = Image.new("RGB", (width, (font_size + 4) * len(lines) + font_size + 10), "black")
@@ -141,4 +143,18 @@ def draw_legend(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     y = 4 + len(lines) * (font_size + 4)
     band.paste(Image.fromarray(np.repeat(bar[None], font_size // 2 + 2, axis=0)), (4, y))
     draw.text((8 + width // 3, y - 2), "less -> more evidence", fill="white", font=font)
-    return np.concatenate([rgb, np.asarray(band)], axis=0)
+    pixels = np.asarray(band).copy()
+    pixels.flags.writeable = False
+    return pixels
+
+
+def draw_legend(rgb: np.ndarray, lines: list[str], scale: int = 1) -> np.ndarray:
+    """The image (rows, cols, 3) uint8 enlarged ``scale`` times (nearest neighbour), with a black band under it
+    holding the text lines and a jet colour bar (``legend_band``): (rows * scale + band rows, cols * scale, 3)."""
+    rows, cols = rgb.shape[:2]
+    band = legend_band(cols * scale, tuple(lines))
+    out = np.empty((rows * scale + len(band), cols * scale, 3), np.uint8)
+    # one copy into place, each pixel repeated over a scale x scale block
+    out[: rows * scale].reshape(rows, scale, cols, scale, 3)[...] = rgb[:, None, :, None, :]
+    out[rows * scale :] = band
+    return out

@@ -38,7 +38,9 @@ def process(runner, inputs: list[InferenceInput], indices) -> tuple[list[tuple[i
         batch_size=runner.batch_size, num_workers=runner.num_workers, collate_fn=collate,
     )
     pending: deque[tuple[int, InferenceResult, Future]] = deque()
-    max_pending = 2 * runner.batch_size  # bounds the images, sources and maps held for the writers
+    # bounds the images, sources and maps held for the writers, while keeping every writer thread busy
+    # during the next batch's forward pass
+    max_pending = max(2 * runner.batch_size, runner.writer_threads + runner.batch_size)
 
     def settle(limit: int) -> None:
         while len(pending) > limit:

@@ -111,9 +111,7 @@ class SecondaryCaptureWriter(EvidenceWriter):
         on the same grid. ``source`` is a conformant header (``bundle.writers.conformance``)."""
         rgb = blend_evidence(display, np.asarray(evidence, dtype=np.float32))
         scale = max(1, math.ceil(self.min_display_side / min(rgb.shape[:2])))
-        if scale > 1:
-            rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
-        rgb = draw_legend(rgb, [f"{class_name}: p = {probability:.2f}", model.description, RESEARCH_NOTE])
+        rgb = draw_legend(rgb, [f"{class_name}: p = {probability:.2f}", model.description, RESEARCH_NOTE], scale)
         spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
         orientation = patient_orientation(source)
         # highdicom's SCImage.from_ref_dataset does what follows and also derives the acquisition equipment

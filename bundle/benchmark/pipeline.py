@@ -53,7 +53,8 @@ def model_label(options: dict) -> str:
     backbone = options.get("backbone", defaults.get("backbone"))
     kwargs = "".join(f", {k} {v}" for k, v in options.get("backbone_kwargs", {}).items())
     size = options.get("image_size", defaults.get("image_size"))
-    return f"{backbone}{kwargs}, {size}^2"
+    stride = f", output stride {options['output_stride']}" if options.get("output_stride") else ""
+    return f"{backbone}{kwargs}{stride}, {size}^2"
 
 
 def pipeline_models(demo: dict) -> dict[str, dict]:

@@ -11,8 +11,9 @@ from bundle import privacy as _privacy
 _privacy.install()  # before any library can print a patient's data: see bundle/privacy.py
 
 __version__ = "0.2.0"
-__all__ = ["acceleration", "checkpoints", "data", "distributed", "explain", "files", "handlers", "inference", "inputs",
-           "losses", "networks", "pacs", "privacy", "runs", "synthetic", "tracking", "visualize", "writers"]
+__all__ = ["acceleration", "benchmark", "checkpoints", "data", "datalist_builder", "distributed", "explain", "files",
+           "flags", "handlers", "inference", "inputs", "label_table", "losses", "model_registry", "networks", "pacs",
+           "privacy", "runs", "splits", "synthetic", "tracking", "visualize", "writers"]
 
 
 def __getattr__(name: str):

@@ -263,3 +263,22 @@ def test_writers_are_chosen_in_the_config_and_later_ones_see_what_earlier_ones_w
         assert (entry["sop_class_uid"], entry["sop_instance_uid"], entry["series_instance_uid"]) == (
             written.SOPClassUID, written.SOPInstanceUID, written.SeriesInstanceUID)
     assert sorted(e["kind"] for e in listing["objects"]) == ["pm", "sc"]
+
+
+def test_contrast_evidence_maps_of_two_classes_are_each_others_negative(tmp_path):
+    """``--evidence_map contrast`` writes E_k minus the other class's map: for two classes the maps of
+    class 0 and class 1 are each other's negative, on the input's grid as in the network's."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    ckpt = _checkpoint(tmp_path / "model.pt", 2)
+    result = _infer(folder, tmp_path / "out", ckpt, "--all_classes", "true", "--evidence_map", "contrast",
+                    "--writers", "$[@nifti_map_writer]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    maps = [np.asarray(nib.load(tmp_path / "out" / "maps" / f"ct_class{k}_evidence.nii.gz").dataobj) for k in (0, 1)]
+    assert np.abs(maps[0]).max() > 0
+    np.testing.assert_allclose(maps[0], -maps[1], atol=1e-5 * np.abs(maps[0]).max())
+    bad = _infer(folder, tmp_path / "bad", ckpt, "--evidence_map", "softmax")
+    assert bad.returncode != 0 and "evidence_map must be one of ('raw', 'contrast'), got 'softmax'" in bad.stderr

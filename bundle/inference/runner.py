@@ -20,7 +20,7 @@ from bundle.inference.loop import process
 from bundle.inference.sharding import process_group, run_shard
 from bundle.inference.tables import InferenceResult, InputsFailed, summarize, write_tables
 from bundle.inputs import InferenceInput, InputFailure, discover_inputs
-from bundle.networks.classifier import ImageClassifier
+from bundle.networks.classifier import EVIDENCE_MAPS, ImageClassifier, class_evidence
 from bundle.writers import (
     EvidenceWriter,
     ModelIdentity,
@@ -40,6 +40,9 @@ class EvidenceInference:
 
     ``resume``: skip inputs an earlier run into the same ``output_dir`` finished with the same model and
     writers (``bundle.inference.completion``). ``tracking`` gets an ``InferenceSummary`` at the end.
+    ``evidence_map``: which map of each class is written (``bundle.networks.classifier.class_evidence``):
+    "raw", the class evidence map whose spatial mean is the class's logit, or "contrast", that map
+    minus the mean of the other classes' maps (the part of the evidence the softmax prediction fixes).
     """
 
     def __init__(self, network: ImageClassifier, load, prepare: Compose, input_dir: str, output_dir: str,
@@ -48,7 +51,7 @@ class EvidenceInference:
                  num_workers: int = 0, writer_threads: int = 2, device: str | torch.device = "cpu",
                  amp: bool = False, amp_dtype: torch.dtype | None = None,
                  memory_format: torch.memory_format | None = None, writers: list[EvidenceWriter] | None = None,
-                 resume: bool = True, tracking=None):
+                 resume: bool = True, tracking=None, evidence_map: str = "raw"):
         self.network, self.load, self.prepare = network, load, prepare
         self.input_dir, self.output_dir, self.ckpt_path = Path(input_dir), Path(output_dir), Path(ckpt_path)
         self.spatial_dims = spatial_dims
@@ -61,6 +64,9 @@ class EvidenceInference:
         self.memory_format = memory_format  # channels_last on CUDA: what cuDNN's fastest convolutions take
         self.writers = list(writers) if writers is not None else [
             NiftiMapWriter(), OverlayPngWriter(), SecondaryCaptureWriter(), ParametricMapWriter(), StructuredReportWriter()]
+        if evidence_map not in EVIDENCE_MAPS:
+            raise ValueError(f"evidence_map must be one of {EVIDENCE_MAPS}, got {evidence_map!r}")
+        self.evidence_map = evidence_map
         self.resume = resume
         self.tracking = tracking
         self.model = ModelIdentity(model_name, model_version)
@@ -76,7 +82,7 @@ class EvidenceInference:
     def signature(self) -> str:
         """What makes two runs' outputs the same: the model, the classes written and named, the writers."""
         settings = [self.model.name, self.model.version, self.model.weights_digest, self.all_classes,
-                    sorted(self.class_names.items()), [w.signature() for w in self.writers]]
+                    sorted(self.class_names.items()), [w.signature() for w in self.writers], self.evidence_map]
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
     def run(self) -> tuple[list[InferenceResult], list[InputFailure]]:
@@ -131,10 +137,12 @@ class EvidenceInference:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """Softmax probabilities (B, C) and class maps (B, C, S, S[, S]) upsampled to the network input."""
+        """Softmax probabilities (B, C) and class maps (B, C, S, S[, S]) (``evidence_map``'s kind) upsampled
+        to the network input."""
         images = images.to(self.device, memory_format=self.memory_format or torch.preserve_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits, maps = self.network.forward_with_maps(images)
+        maps = class_evidence(maps.float(), self.evidence_map)
         mode = "bilinear" if maps.ndim == 4 else "trilinear"
         maps = F.interpolate(maps.float(), size=images.shape[2:], mode=mode, align_corners=False)
         return logits.float().softmax(1).cpu().numpy(), maps.cpu()

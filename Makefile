@@ -28,13 +28,13 @@ DEMO3D ?= demo-3d
 DEMO3D_CASES ?= 400
 DEMO3D_DATA ?= --dims 3 --size 32 --lesion-size 1.25
 DEMO3D_EPOCHS ?= 12
-DEMO3D_MODEL ?= --spatial_dims 3 --image_size 32 --batch_size 8 --backbone resnet10 \
+DEMO3D_MODEL ?= --spatial_dims 3 --image_size 32 --batch_size 8 \
 	--backbone_kwargs "{'widen_factor': 0.25, 'conv1_t_size': 3}" --output_stride 4
 DEMO3D_COMPARE_LIMIT ?= 20
 BUNDLE_RUN := $(BIN)/python -m monai.bundle run --meta_file configs/metadata.json --logging_file configs/logging.conf
-ON_DEMO_DATA := --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval $(DEMO_MODEL)
-# The comparison builds every model with the training config's output stride.
-COMPARE_AS_TRAINED := '--comparison\#network_options\#output_stride' '@output_stride'
+# Only training takes the model's options: every later step reads them from the checkpoint (model.pt
+# describes its network, preprocessing and classes).
+ON_DEMO_DATA := --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval
 
 .PHONY: install install-test demo demo-3d lambda-sweep bench bench-gpu test clean
 
@@ -64,12 +64,12 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/python scripts/make_synthetic_dataset.py --out $(DEMO)/data --n $(DEMO_CASES) --seed 0 $(DEMO_DATA)
 	for head in softcam linear; do \
-		$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) --max_epochs $(DEMO_EPOCHS) \
+		$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) $(DEMO_MODEL) --max_epochs $(DEMO_EPOCHS) \
 			--ckpt_dir $(DEMO)/models/$$head --head $$head || exit 1; \
 		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']" $(ON_DEMO_DATA) \
 			--ckpt_dir $(DEMO)/models/$$head --head $$head || exit 1; \
 	done
-	$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) --max_epochs $(DEMO_EPOCHS) \
+	$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO_DATA) $(DEMO_MODEL) --max_epochs $(DEMO_EPOCHS) \
 		--ckpt_dir $(DEMO)/models/softcam-sparse --head softcam --lambda1 $(DEMO_SPARSE_LAMBDA1) --model_name resnet18-softcam-sparse
 	for head in linear softcam; do \
 		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/train_sigmoid_branch.json']" $(ON_DEMO_DATA) \
@@ -77,24 +77,25 @@ demo: install
 			--ckpt_dir $(DEMO)/models/$$head-sigmoid-branch || exit 1; \
 	done
 	$(BUNDLE_RUN) --config_file "['configs/train.json','configs/compare.json']" $(ON_DEMO_DATA) --models_dir $(DEMO)/models \
-		--compare_limit "$(or $(DEMO_COMPARE_LIMIT),None)" $(COMPARE_AS_TRAINED)
+		--compare_limit "$(or $(DEMO_COMPARE_LIMIT),None)"
 	$(BUNDLE_RUN) --config_file configs/inference.json --input_dir $(DEMO)/data/images --output_dir $(DEMO)/inference \
-		--ckpt_path $(DEMO)/models/softcam/model.pt --tracking_uri sqlite:///$(abspath $(DEMO))/eval/mlflow.db $(DEMO_MODEL)
+		--ckpt_path $(DEMO)/models/softcam/model.pt --tracking_uri sqlite:///$(abspath $(DEMO))/eval/mlflow.db
 	$(BIN)/python scripts/demo_summary.py --demo $(DEMO) --output_dir $(DEMO)/eval
 
 # SoftCAM (dense) and the black box on synthetic CT volumes, evaluated on the test split, and the
 # explanation comparison in 3D over the rows whose models exist (the others are left out).
-ON_DEMO3D_DATA := --dataset_dir $(DEMO3D)/data --output_dir $(DEMO3D)/eval $(DEMO3D_MODEL)
+# The evaluation names its run after the backbone (the checkpoint gives it everything else).
+ON_DEMO3D_DATA := --dataset_dir $(DEMO3D)/data --output_dir $(DEMO3D)/eval --backbone resnet10
 demo-3d: install
 	$(BIN)/python scripts/make_synthetic_dataset.py --out $(DEMO3D)/data --n $(DEMO3D_CASES) --seed 0 $(DEMO3D_DATA)
 	for head in softcam linear; do \
-		$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO3D_DATA) --max_epochs $(DEMO3D_EPOCHS) \
+		$(BUNDLE_RUN) --config_file configs/train.json $(ON_DEMO3D_DATA) $(DEMO3D_MODEL) --max_epochs $(DEMO3D_EPOCHS) \
 			--ckpt_dir $(DEMO3D)/models/$$head --head $$head || exit 1; \
 		$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']" $(ON_DEMO3D_DATA) \
 			--ckpt_dir $(DEMO3D)/models/$$head --head $$head || exit 1; \
 	done
 	$(BUNDLE_RUN) --config_file "['configs/train.json','configs/compare.json']" $(ON_DEMO3D_DATA) --models_dir $(DEMO3D)/models \
-		--compare_limit "$(or $(DEMO3D_COMPARE_LIMIT),None)" $(COMPARE_AS_TRAINED)
+		--compare_limit "$(or $(DEMO3D_COMPARE_LIMIT),None)"
 	$(BIN)/python scripts/demo_summary.py --demo $(DEMO3D) --output_dir $(DEMO3D)/eval --backbone resnet10
 
 # Sparse SoftCAM's lambda1 against accuracy and localisation precision (the paper's way of choosing

@@ -45,12 +45,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(store: Path, log: Path):
-    """``mlflow server`` over the SQLite store ``store`` (its runs' artifacts are files beside it), on
-    a free loopback port; yields its URL."""
+def mlflow_server(store: Path, log: Path, artifacts: Path | None = None):
+    """``mlflow server`` over the SQLite store ``store`` on a free loopback port; yields its URL. Runs'
+    artifacts are files where their runs say, or with ``artifacts`` stored and served by the server
+    under that folder (what a team's shared server does)."""
     port = _free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{store}"]
+    if artifacts is not None:
+        command += ["--serve-artifacts", "--artifacts-destination", str(artifacts)]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -30,16 +30,7 @@ from bundle.explain.metrics import (
 from bundle.networks.classifier import classifier
 from bundle.networks.sigmoid_branch import SigmoidBranchClassifier
 from bundle.visualize import upsample
-
-SHAPES = {2: (16, 16), 3: (8, 8, 8)}
-
-
-def box_mask(dims: int, low: tuple, high: tuple) -> torch.Tensor:
-    """A (1, *spatial) bool mask, true on the inclusive box low..high."""
-    mask = torch.zeros(1, *SHAPES[dims], dtype=torch.bool)
-    mask[(0, *[slice(a, b + 1) for a, b in zip(low, high)])] = True
-    return mask
-
+from tests.test_metrics import SHAPES, box_mask
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
@@ -48,7 +39,6 @@ def sigmoid(x: float) -> float:
 def logits_from_probability(q: torch.Tensor) -> torch.Tensor:
     """Two-class logits (B, 2) whose softmax is exactly (1 - q, q)."""
     return torch.stack([torch.log1p(-q), torch.log(q)], dim=1)
-
 
 
 # --- faithfulness to the model -------------------------------------------------------------------

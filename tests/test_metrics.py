@@ -43,15 +43,6 @@ def box_mask(dims: int, low: tuple, high: tuple) -> torch.Tensor:
     return mask
 
 
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
-def logits_from_probability(q: torch.Tensor) -> torch.Tensor:
-    """Two-class logits (B, 2) whose softmax is exactly (1 - q, q)."""
-    return torch.stack([torch.log1p(-q), torch.log(q)], dim=1)
-
-
 # --- classification ------------------------------------------------------------------------------
 
 

@@ -5,11 +5,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -20,6 +18,7 @@ from bundle.runs import (TrainingState, complete, last_run_dir, release_training
                          training_states, unique_stamp)
 from bundle.tracking import image_steps
 from tests.conftest import ROOT
+from tests.mlflow_ui import mlflow_server
 
 # tiny and single-threaded: four of these share two cores
 TINY = ["--backbone", "resnet10", "--backbone_kwargs", "{'widen_factor': 0.125}", "--image_size", "32",
@@ -75,35 +74,10 @@ def test_four_trainings_at_once_on_one_new_embedded_store(dataset_2d, tmp_path):
 @pytest.fixture
 def tracking_server(tmp_path):
     """A real ``mlflow server`` on a free loopback port: SQLite backend, artifacts stored and served by it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     store = tmp_path / "server"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(store / "artifacts")]
     store.mkdir()
-    server = subprocess.Popen(command, stdout=(store / "server.log").open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert server.poll() is None, (store / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not start: {(store / 'server.log').read_text()[-3000:]}")
+    with mlflow_server(store / "mlflow.db", store / "server.log", artifacts=store / "artifacts") as url:
         yield url, store
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=3)
-        except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive connections
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_four_trainings_at_once_on_a_tracking_server(dataset_2d, tmp_path, tracking_server):

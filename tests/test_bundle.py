@@ -54,7 +54,7 @@ def test_training_writes_the_best_checkpoint_with_its_description(trained_softca
     assert "head.class_evidence_layer.weight" in state["model"]
     description = state["description"]
     assert description["network"] == {"backbone": "resnet18", "spatial_dims": 2, "in_channels": 1, "num_classes": 2,
-                                      "head": "softcam", "backbone_kwargs": {"widen_factor": 0.25}}
+                                      "head": "softcam", "backbone_kwargs": {"widen_factor": 0.25}, "output_stride": None}
     assert description["preprocessing"] == {"image_size": 64, "window": None}
     assert description["class_names"] == {"0": "no lesion", "1": "lesion"}
     assert description["model_name"] == "resnet18-softcam"

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, run_bundle, save_described_checkpoint
 
 # not the training config's defaults, so nothing passes by falling back on them
 OPTIONS = {"backbone": "resnet10", "head": "linear", "num_classes": 3,
-           "backbone_kwargs": {"widen_factor": 0.125, "conv1_t_stride": 2}}
+           "backbone_kwargs": {"widen_factor": 0.125, "conv1_t_stride": 2}, "output_stride": 8}
 CLASSES = {0: "normal", 1: "benign", 2: "malignant"}
 
 
@@ -31,7 +31,8 @@ def test_the_description_holds_the_network_preprocessing_classes_and_datalist(tm
     path, _ = described(tmp_path)
     description = read_description(path)
     assert description["network"] == {"backbone": "resnet10", "spatial_dims": 2, "in_channels": 1, "num_classes": 3,
-                                      "head": "linear", "backbone_kwargs": {"widen_factor": 0.125, "conv1_t_stride": 2}}
+                                      "head": "linear", "backbone_kwargs": {"widen_factor": 0.125, "conv1_t_stride": 2},
+                                      "output_stride": 8}
     assert description["preprocessing"] == {"image_size": 32, "window": [40, 400]}
     assert description["class_names"] == {"0": "normal", "1": "benign", "2": "malignant"}
     assert description["model_name"] == "resnet10-linear" and description["bundle_version"] == "0.2.0"

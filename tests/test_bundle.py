@@ -221,5 +221,7 @@ def test_training_twice_with_the_same_seed_gives_the_same_weights(dataset_2d, tm
         states.append(torch.load(tmp_path / run / "models" / "model.pt", map_location="cpu", weights_only=True))
         _, runs = _runs(tmp_path / run)
         assert runs[0].data.params["output_stride"] == "8" and runs[0].data.params["deterministic"] == "True"
-    assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    weights = [state["model"] for state in states]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert states[0]["description"] == states[1]["description"]

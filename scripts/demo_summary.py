@@ -31,8 +31,10 @@ def main() -> None:
     comparison = args.output_dir / "comparison"
     if (comparison / "comparison.md").is_file():
         print(f"\nExplanation comparison (test split): {comparison}")
-        print(f"{'':28s} comparison.csv / .md, deletion_curves.png, method_grid.png")
+        print(f"{'':28s} comparison.csv / .md, claims.md, deletion_curves.png, box_accuracy.png, method_grid.png")
         print((comparison / "comparison.md").read_text())
+        if (comparison / "claims.md").is_file():
+            print((comparison / "claims.md").read_text())
     inference = args.demo / "inference"
     if (inference / "predictions.csv").is_file():
         print(f"\nSoftCAM inference over {args.demo / 'data' / 'images'}: {inference}")

@@ -225,7 +225,8 @@ def test_the_table_plots_and_grid_are_written_and_tracked(comparison):
     assert run.info.run_name.startswith("comparison-")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "comparison.csv", "comparison.md", "comparison_table.json", "box_accuracy_curves.csv", "box_accuracy.png",
-        "deletion_curves.png", "method_grid.png"}
+        "deletion_curves.png", "method_grid.png", "claims.md"}
+    assert "dense SoftCAM, activation precision: **" in (folder / "claims.md").read_text()
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert [child.info.run_name for child in children] == list(rows)  # one per row (tests/test_mlflow_review.py)
     dense = next(child for child in children if child.info.run_name == "dense SoftCAM")

@@ -37,7 +37,7 @@ import torch
 from monai.transforms import Compose
 
 from bundle.checkpoints import load_checkpoint, network_for_checkpoint
-from bundle.explain import boxes, faithfulness, localisation, report
+from bundle.explain import boxes, claims, faithfulness, localisation, report
 from bundle.explain.metrics import accuracy, balanced_accuracy, cohen_kappa, disease_classes, evidence_sign_consistency, roc_auc
 from bundle.explain.methods import EXPLAINERS, make_explainer
 from bundle.explain.targets import target_named
@@ -282,7 +282,8 @@ class ExplanationComparison:
                  report.write_box_curves(out / "box_accuracy_curves.csv", box_curves),
                  report.plot_box_accuracy(out / "box_accuracy.png", box_curves, self.localisation_options.loc_threshold),
                  report.plot_deletion_curves(out / "deletion_curves.png", curves, random_curves, total),
-                 report.plot_grid(out / "method_grid.png", test, grid, self._grid_indices(annotated))]
+                 report.plot_grid(out / "method_grid.png", test, grid, self._grid_indices(annotated)),
+                 claims.write_claims(out / "claims.md", rows)]
         if self.tracking is not None:
             counts = {"n_test": len(test.labels), "n_annotated": int(annotated.sum()), "n_lesion_all_correct": int(lesion.sum())}
             self.tracking.log_comparison(rows, files, counts, self.describe(c for c in self.contenders if c.model in models))
@@ -321,7 +322,8 @@ class ExplanationComparison:
         images = test.images.to(self.device)
         change = faithfulness.confidence_change(classify, images, maps.to(self.device), predicted.to(self.device),
                                                 self.batch_size)
-        row = {"method": contender.label, "kind": "method", **classification(logits, test.labels, self.ordinal),
+        row = {"method": contender.label, "kind": "method", "family": EXPLAINERS[contender.method].family,
+               **classification(logits, test.labels, self.ordinal),
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
         curve = (torch.zeros(0), torch.zeros(0))
         if baseline is not None:

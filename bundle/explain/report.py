@@ -31,9 +31,9 @@ LOCALISATION = ("activation_precision", "activation_sensitivity", "top_k_precisi
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
-    """One line per row: ``method``, ``kind``, every column of ``COLUMNS`` (empty where it does not
-    apply), ``raw_map_shape``."""
-    columns = ["method", "kind", *[key for key, _, _ in COLUMNS], "raw_map_shape"]
+    """One line per row: ``method``, ``kind``, the explainer's ``family`` (method rows), every column of
+    ``COLUMNS`` (empty where it does not apply), ``raw_map_shape``."""
+    columns = ["method", "kind", "family", *[key for key, _, _ in COLUMNS], "raw_map_shape"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()

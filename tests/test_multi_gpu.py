@@ -99,7 +99,7 @@ def test_two_processes_save_one_best_checkpoint_of_the_bare_network(two_process_
         "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"]
     state = torch.load(two_process_run / "models" / "model.pt", map_location="cpu", weights_only=True)
     network = classifier("resnet10", backbone_kwargs={"widen_factor": 0.125})
-    network.load_state_dict(state)  # strict: no "module." prefix from DistributedDataParallel
+    network.load_state_dict(state["model"])  # strict: no "module." prefix from DistributedDataParallel
 
 
 def test_the_two_ranks_train_on_different_images_each_epoch(two_process_run, dataset_2d):
@@ -235,7 +235,7 @@ def test_reduced_precision_predictions_are_scored_in_float32():
 def test_inference_takes_the_training_precision_and_layout():
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs/inference.json"))
-    parser.update({"device": "$torch.device('cuda', 0)"})  # parsing only: no GPU needed
+    parser.update({"device": "$torch.device('cuda', 0)", "spatial_dims": 2})  # parsing only: no GPU, no checkpoint needed
     expected_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert parser.get_parsed_content("inference#amp") is True
     assert parser.get_parsed_content("inference#amp_dtype") == expected_dtype

@@ -77,7 +77,7 @@ def run(folder, tmp_path_factory):
 
 def test_every_source_yields_valid_outputs(run):
     out, result, rows, records = run
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert set(rows) == set(PATIENTS)
     assert all(len(records[name]["outputs"]["sc"]) == 1 for name in PATIENTS)
     # a Parametric Map where the source has a plane: not where its PixelSpacing was 0\0 (dropped) or it has none (US)

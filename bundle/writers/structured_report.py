@@ -130,7 +130,7 @@ class StructuredReportWriter(EvidenceWriter):
             imaging_measurements=[group],
             # highdicom describes an image library entry from top-level image plane attributes, which an enhanced
             # multi-frame image keeps per frame: its report has none (TID 1500's library is optional)
-            referenced_images=None if is_enhanced_volume(first) else case.sources,
+            referenced_images=None if is_enhanced_volume(first) else _image_library(case.sources),
         )
         evidence = [_with_patient_and_study(first), *case.sources[1:], *derived]
         return hd.sr.Comprehensive3DSR(
@@ -166,6 +166,18 @@ class StructuredReportWriter(EvidenceWriter):
             ds.SOPClassUID, ds.SOPInstanceUID,
             [frame + 1] if frame is not None and ds.SOPClassUID in MULTI_FRAME_SOP_CLASSES else None)
             for ds in case.sources]
+
+
+def _image_library(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset] | None:
+    """``sources`` for TID 1500's image library, or None (the library is optional) when highdicom cannot
+    describe one of them: a CT or MR image without its plane (a PixelSpacing of 0\\0 is dropped as
+    non-conformant), a radiograph without ImagerPixelSpacing."""
+    try:
+        for source in sources:
+            hd.sr.ImageLibraryEntryDescriptors(source)
+    except AttributeError:
+        return None
+    return sources
 
 
 def _with_patient_and_study(source: pydicom.Dataset) -> pydicom.Dataset:

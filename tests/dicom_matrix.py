@@ -51,6 +51,7 @@ from pydicom.uid import (
 SIDE = 32  # OpenJPEG encodes six wavelet resolutions: at least 32 pixels a side
 NATIVE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 COMPRESSED = (RLELossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000)
+DICOM_KINDS = ("sc", "pm", "sr")  # the outputs that are DICOM files, checked with dciodvfy
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 # SOP classes by (colour, multi-frame); the rows cycle through them
 SOP_CLASSES = {
@@ -286,9 +287,9 @@ class MatrixRun:
     errors: dict[str, list[str]] = field(default_factory=dict)  # DICOM output -> dciodvfy errors
 
     def expected_kinds(self, c: Combination) -> set[str]:
-        """Every frame is an input with a NIfTI map, an overlay and a Secondary Capture; a single-frame
-        CT or MR image (a Frame of Reference, an image plane) also gets a Parametric Map."""
-        return {"nifti", "png", "sc"} | ({"pm"} if c.frames == 1 and _sop(c) in ("CT", "MR") else set())
+        """Every frame is an input with a NIfTI map, an overlay, a Secondary Capture and a Structured Report;
+        a single-frame CT or MR image (a Frame of Reference, an image plane) also gets a Parametric Map."""
+        return {"nifti", "png", "sc", "sr"} | ({"pm"} if c.frames == 1 and _sop(c) in ("CT", "MR") else set())
 
     def complete(self, c: Combination, path: Path) -> bool:
         records = self.records.get(path.name, [])
@@ -297,7 +298,7 @@ class MatrixRun:
             for r in records)
 
     def valid(self, path: Path) -> bool:
-        return all(not self.errors[name] for r in self.records.get(path.name, []) for kind in ("sc", "pm")
+        return all(not self.errors[name] for r in self.records.get(path.name, []) for kind in DICOM_KINDS
                    for name in r["outputs"].get(kind, []))
 
 
@@ -323,7 +324,7 @@ def run_matrix(work: Path, threads: int = 2) -> MatrixRun:
     if (work / "out" / "predictions.json").exists():
         for record in json.loads((work / "out" / "predictions.json").read_text()):
             run.records.setdefault(Path(record["input"]).name, []).append(record)
-    outputs = [name for records in run.records.values() for r in records for kind in ("sc", "pm")
+    outputs = [name for records in run.records.values() for r in records for kind in DICOM_KINDS
                for name in r["outputs"].get(kind, [])]
     with ThreadPoolExecutor(threads) as pool:
         run.errors = dict(zip(outputs, pool.map(lambda name: dicom_validation_errors(work / "out" / name), outputs)))

@@ -36,7 +36,7 @@ BUNDLE_RUN := $(BIN)/python -m monai.bundle run --meta_file configs/metadata.jso
 # describes its network, preprocessing and classes).
 ON_DEMO_DATA := --dataset_dir $(DEMO)/data --output_dir $(DEMO)/eval
 
-.PHONY: install install-test demo demo-3d lambda-sweep bench bench-gpu test clean
+.PHONY: install install-test demo demo-full demo-3d lambda-sweep bench bench-gpu test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ demo: install
 	$(BUNDLE_RUN) --config_file configs/inference.json --input_dir $(DEMO)/data/images --output_dir $(DEMO)/inference \
 		--ckpt_path $(DEMO)/models/softcam/model.pt --tracking_uri sqlite:///$(abspath $(DEMO))/eval/mlflow.db
 	$(BIN)/python scripts/demo_summary.py --demo $(DEMO) --output_dir $(DEMO)/eval
+
+# The longer version of the demo: twice the epochs, and the comparison over the whole test split.
+demo-full:
+	$(MAKE) demo DEMO=demo-full DEMO_EPOCHS=20 DEMO_BRANCH_EPOCHS=10 DEMO_COMPARE_LIMIT=
 
 # SoftCAM (dense) and the black box on synthetic CT volumes, evaluated on the test split, and the
 # explanation comparison in 3D over the rows whose models exist (the others are left out).

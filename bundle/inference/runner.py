@@ -51,7 +51,7 @@ class EvidenceInference:
                  num_workers: int = 0, writer_threads: int = 2, device: str | torch.device = "cpu",
                  amp: bool = False, amp_dtype: torch.dtype | None = None,
                  memory_format: torch.memory_format | None = None, writers: list[EvidenceWriter] | None = None,
-                 resume: bool = True, tracking=None, evidence_map: str = "raw"):
+                 resume: bool = True, tracking=None, evidence_map: str = "contrast"):
         self.network, self.load, self.prepare = network, load, prepare
         self.input_dir, self.output_dir, self.ckpt_path = Path(input_dir), Path(output_dir), Path(ckpt_path)
         self.spatial_dims = spatial_dims

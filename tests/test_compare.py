@@ -103,7 +103,7 @@ def test_deletion_runs_on_correct_lesion_images_against_a_random_patch_order(tmp
         assert rows[label]["deletion_audc"] == pytest.approx(1) and rows[label]["deletion_gain"] == pytest.approx(0)
         assert rows[label]["insertion_auc"] == pytest.approx(1) and rows[label]["insertion_gain"] == pytest.approx(0)
     lesion = comparison.test_set.labels > 0  # the black box may get some wrong: only those all models get right count
-    curves = comparison.perturbation(comparison.load_model("SoftCAM"), torch.zeros(int(lesion.sum()), 32, 32), lesion)
+    curves = comparison.perturbation.curves(comparison.load_model("SoftCAM"), torch.zeros(int(lesion.sum()), 32, 32), lesion)
     assert curves["deletion"].counts.tolist() == list(range(5))  # 16 patches of 8 x 8: 0.25 * 16 = 4, one at a time
     assert curves["deletion"].scores.shape == (int(lesion.sum()), 5)
 
@@ -208,7 +208,7 @@ def test_the_dual_branch_keeps_the_black_boxs_classification(comparison):
 def test_xgradcam_equals_gradcam_for_global_average_pooling(comparison):
     _, rows = comparison  # gradients of GAP + linear are spatially constant, so the maps are equal
     xgrad, grad = rows["black box + XGrad-CAM"], rows["black box + Grad-CAM"]
-    columns = [c for c in grad if c not in ("method", "kind", "seconds_per_image", "raw_map_shape")]
+    columns = [c for c in grad if c not in ("method", "kind", "family", "seconds_per_image", "raw_map_shape")]
     assert grad["average_drop"] not in ("", "nan")  # defined on every test image
     for column in columns:  # NaN where both are undefined; patch ranks may break float ties differently
         assert float(xgrad[column]) == pytest.approx(float(grad[column]), abs=2e-3, nan_ok=True), column

@@ -37,7 +37,7 @@ import torch
 from monai.transforms import Compose
 
 from bundle.checkpoints import load_checkpoint, network_for_checkpoint
-from bundle.explain import boxes, claims, faithfulness, localisation, report
+from bundle.explain import boxes, faithfulness, localisation, report
 from bundle.explain.metrics import accuracy, balanced_accuracy, cohen_kappa, disease_classes, evidence_sign_consistency, roc_auc
 from bundle.explain.methods import EXPLAINERS, make_explainer
 from bundle.explain.targets import target_named
@@ -164,6 +164,51 @@ def reference_rows(test, grid_shape: tuple[int, ...], options: LocalisationOptio
     return rows
 
 
+@torch.no_grad()
+def batched_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """The model's logits (N, C) on the CPU, ``batch_size`` images at a time."""
+    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def batched_maps(explainer, images: torch.Tensor, targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, tuple]:
+    """Upsampled maps (N, *S) on the CPU and the raw maps' spatial shape, batch by batch."""
+    maps, raw_shape = [], None
+    for i in range(0, len(images), batch_size):
+        explanation = explainer(images[i : i + batch_size], targets[i : i + batch_size])
+        maps.append(explanation.upsampled[:, 0].cpu())
+        raw_shape = tuple(explanation.raw.shape[2:])
+    return torch.cat(maps), raw_shape
+
+
+@dataclass
+class PerturbationTest:
+    """Deletion and insertion as the SoftCAM reference runs them on ``test``: patches of ``patch`` voxels,
+    the first ``fraction`` of them (the reference's 14 of ~256, about 6 %) one at a time, replaced by the
+    test images' mean intensity (the images are in [0, 1], not centred)."""
+
+    test: TestSet
+    patch: int
+    fraction: float
+    batch_size: int
+    device: torch.device
+
+    def total_patches(self) -> int:
+        return faithfulness.count_patches(tuple(self.test.images.shape[2:]), self.patch)
+
+    def curves(self, model, maps: torch.Tensor, chosen: torch.Tensor) -> dict[str, faithfulness.PerturbationCurve]:
+        """Both curves of ``maps`` (N, *S) on the ``chosen`` lesion images, for the lesion class."""
+        options = {"patch_size": self.patch, "baseline": float(self.test.images.mean()), "chunk_size": self.batch_size,
+                   "num_patches": max(1, round(self.fraction * self.total_patches()))}
+        images, targets = self.test.images[chosen].to(self.device), self.test.labels[chosen].to(self.device)
+        maps = maps.to(self.device)
+
+        def classify(x: torch.Tensor) -> torch.Tensor:
+            return model(x).float()
+
+        return {"deletion": faithfulness.deletion_curve(classify, images, maps, targets, **options),
+                "insertion": faithfulness.insertion_curve(classify, images, maps, targets, **options)}
+
+
 class ExplanationComparison:
     """Score every contender on a test set; write the table, curves and a method grid.
 
@@ -192,7 +237,8 @@ class ExplanationComparison:
         self.output_dir = Path(output_dir)
         self.contenders = contenders or default_contenders(models)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.deletion_patch, self.deletion_fraction = deletion_patch, deletion_fraction
+        self.deletion_patch = deletion_patch
+        self.perturbation = PerturbationTest(test_set, deletion_patch, deletion_fraction, batch_size, self.device)
         self.localisation_options = LocalisationOptions(top_k, top_k_threshold, localisation_patch, pointing_tolerance,
                                                         box_thresholds, loc_threshold)
         self.randomisation_images, self.randomised_backbone_layers = randomisation_images, randomised_backbone_layers
@@ -208,39 +254,6 @@ class ExplanationComparison:
         load_checkpoint(net, path)
         return net.to(self.device).eval()
 
-    @torch.no_grad()
-    def _logits(self, model: torch.nn.Module) -> torch.Tensor:
-        images = self.test_set.images
-        return torch.cat([model(images[i : i + self.batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(images), self.batch_size)])
-
-    def explain(self, explainer, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Upsampled maps (N, *S) on the CPU and the raw maps' spatial shape, batch by batch."""
-        maps, raw_shape = [], None
-        for i in range(0, len(images), self.batch_size):
-            explanation = explainer(images[i : i + self.batch_size], targets[i : i + self.batch_size])
-            maps.append(explanation.upsampled[:, 0].cpu())
-            raw_shape = tuple(explanation.raw.shape[2:])
-        return torch.cat(maps), raw_shape
-
-    def perturbation(self, model, maps: torch.Tensor, chosen: torch.Tensor) -> dict[str, faithfulness.PerturbationCurve]:
-        """Deletion and insertion of the first patches of ``maps`` (N, *S) one at a time on the chosen
-        lesion images, for the lesion class; deleted patches take the test images' mean intensity
-        (the images are in [0, 1], not centred)."""
-        test = self.test_set
-        spatial = tuple(test.images.shape[2:])
-        patches = faithfulness.count_patches(spatial, self.deletion_patch)
-        options = {"patch_size": self.deletion_patch, "baseline": float(test.images.mean()), "chunk_size": self.batch_size,
-                   "num_patches": max(1, round(self.deletion_fraction * patches))}
-        images, targets = test.images[chosen].to(self.device), test.labels[chosen].to(self.device)
-        maps = maps.to(self.device)
-
-        def classify(x: torch.Tensor) -> torch.Tensor:
-            return model(x).float()
-
-        return {"deletion": faithfulness.deletion_curve(classify, images, maps, targets, **options),
-                "insertion": faithfulness.insertion_curve(classify, images, maps, targets, **options)}
-
     # --- the table ----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         test = self.test_set
@@ -248,7 +261,7 @@ class ExplanationComparison:
         for name in dict.fromkeys(c.model for c in self.contenders):
             model = self.load_model(name)
             if model is not None:
-                models[name], logits[name] = model, self._logits(model)
+                models[name], logits[name] = model, batched_logits(model, test.images, self.batch_size, self.device)
         if not models:
             raise FileNotFoundError("comparison: none of the models to compare has a checkpoint: train them first")
         all_correct = torch.stack([lg.argmax(1) == test.labels for lg in logits.values()]).all(0)
@@ -259,7 +272,7 @@ class ExplanationComparison:
         random_order = faithfulness.random_patch_maps(shape, self.deletion_patch, self.seed)
         baselines = {}  # each model's curves in a random patch order: the baseline of its rows
         if lesion.any():
-            baselines = {name: self.perturbation(model, random_order, lesion) for name, model in models.items()}
+            baselines = {name: self.perturbation.curves(model, random_order, lesion) for name, model in models.items()}
         rows, curves, box_curves, grid = [], {}, {}, {}
         for contender in (c for c in self.contenders if c.model in models):
             row, curve, box_curve, shown = self.score(contender, models[contender.model], logits[contender.model],
@@ -275,15 +288,9 @@ class ExplanationComparison:
                 rows.append(row)
                 box_curves[row["method"]] = box_curve
         random_curves = {name: (c["deletion"].counts.cpu(), c["deletion"].scores.mean(0).cpu()) for name, c in baselines.items()}
-        total = faithfulness.count_patches(tuple(test.images.shape[2:]), self.deletion_patch)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        out = self.output_dir
-        files = [report.write_csv(out / "comparison.csv", rows), report.write_markdown(out / "comparison.md", rows),
-                 report.write_box_curves(out / "box_accuracy_curves.csv", box_curves),
-                 report.plot_box_accuracy(out / "box_accuracy.png", box_curves, self.localisation_options.loc_threshold),
-                 report.plot_deletion_curves(out / "deletion_curves.png", curves, random_curves, total),
-                 report.plot_grid(out / "method_grid.png", test, grid, self._grid_indices(annotated)),
-                 claims.write_claims(out / "claims.md", rows)]
+        files = report.write_outputs(self.output_dir, rows, test, (curves, random_curves, self.perturbation.total_patches()),
+                                     box_curves, self.localisation_options.loc_threshold,
+                                     (grid, self._grid_indices(annotated)))
         if self.tracking is not None:
             counts = {"n_test": len(test.labels), "n_annotated": int(annotated.sum()), "n_lesion_all_correct": int(lesion.sum())}
             self.tracking.log_comparison(rows, files, counts, self.describe(c for c in self.contenders if c.model in models))
@@ -307,14 +314,14 @@ class ExplanationComparison:
         predicted = logits.argmax(1)
         explainer = make_explainer(contender.method, model, contender.target)
         start = time.perf_counter()
-        maps, raw_shape = self.explain(explainer, test.images, predicted)
+        maps, raw_shape = batched_maps(explainer, test.images, predicted, self.batch_size)
         seconds = (time.perf_counter() - start) / len(test.images)
         # the disease class's map on every image: the lesion's class where there is one
         disease = disease_classes(test.labels, logits)
         disease_maps = maps.clone()
         redo = disease != predicted
         if redo.any():
-            disease_maps[redo] = self.explain(explainer, test.images[redo], disease[redo])[0]
+            disease_maps[redo] = batched_maps(explainer, test.images[redo], disease[redo], self.batch_size)[0]
 
         def classify(x: torch.Tensor) -> torch.Tensor:
             return model(x.to(self.device)).float()
@@ -327,7 +334,7 @@ class ExplanationComparison:
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
         curve = (torch.zeros(0), torch.zeros(0))
         if baseline is not None:
-            ordered = self.perturbation(model, disease_maps[lesion], lesion)
+            ordered = self.perturbation.curves(model, disease_maps[lesion], lesion)
             deletion, insertion = float(ordered["deletion"].area.mean()), float(ordered["insertion"].area.mean())
             row.update(deletion_audc=deletion, deletion_gain=float(baseline["deletion"].area.mean()) - deletion,
                        insertion_auc=insertion, insertion_gain=insertion - float(baseline["insertion"].area.mean()))

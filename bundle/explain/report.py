@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bundle.explain.claims import write_claims
 from bundle.visualize import minmax
 
 # (column, header, higher is better): the order of the table
@@ -168,3 +169,18 @@ def plot_grid(path: Path, test, grid: dict[str, torch.Tensor], indices: torch.Te
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def write_outputs(out: Path, rows: list[dict], test, deletion: tuple, box_curves: dict, loc_threshold: float,
+                  grid: tuple) -> list[Path]:
+    """Every file of a comparison under ``out``: the table (CSV, Markdown), the claim's answers, the BoxAcc
+    curves (CSV, plot), the deletion curves and the method grid. ``deletion``: (curves, random-order curves,
+    number of patches); ``grid``: (maps by row, the test images shown)."""
+    out.mkdir(parents=True, exist_ok=True)
+    curves, random_curves, total = deletion
+    return [write_csv(out / "comparison.csv", rows), write_markdown(out / "comparison.md", rows),
+            write_claims(out / "claims.md", rows),
+            write_box_curves(out / "box_accuracy_curves.csv", box_curves),
+            plot_box_accuracy(out / "box_accuracy.png", box_curves, loc_threshold),
+            plot_deletion_curves(out / "deletion_curves.png", curves, random_curves, total),
+            plot_grid(out / "method_grid.png", test, *grid)]

@@ -22,7 +22,7 @@ DEMO_BRANCH_EPOCHS ?= 5
 DEMO_COMPARE_LIMIT ?= 60
 SWEEP_LAMBDA1 ?= 0 1e-2 3e-2 1e-1
 # The 3D demo: synthetic CT volumes of 32 x 32 x 24 voxels, lesions 1.25 times the default radius
-# (3-5 voxels), ResNet-10 at a quarter width with a 3x3x3 stem and output stride 4 (8 x 8 x 6
+# (3-5 voxels), ResNet-10 at a quarter width with a 3x3x3 stem and output stride 4 (8 x 8 x 8
 # evidence maps, cells of 4 voxels).
 DEMO3D ?= demo-3d
 DEMO3D_CASES ?= 400

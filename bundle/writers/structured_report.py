@@ -120,22 +120,28 @@ class StructuredReportWriter(EvidenceWriter):
                                             unit=codes.UCUM.NoUnits)
                           for k, p in enumerate(case.probabilities)],
         )
-        report = hd.sr.MeasurementReport(
-            observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Device,
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=derived_uid("observer", model, "device"), name=model.name[:64],
-                    manufacturer_name=model.manufacturer, model_name=model.name[:64]))),
-            procedure_reported=PROCEDURES.get(str(first.get("Modality", "")), IMAGING_PROCEDURE),
-            imaging_measurements=[group],
-            # highdicom describes an image library entry from top-level image plane attributes, which an enhanced
-            # multi-frame image keeps per frame: its report has none (TID 1500's library is optional)
-            referenced_images=None if is_enhanced_volume(first) else _image_library(case.sources),
-        )
+        def report(library: list[pydicom.Dataset] | None) -> hd.sr.MeasurementReport:
+            return hd.sr.MeasurementReport(
+                observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+                    observer_type=codes.DCM.Device,
+                    observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                        uid=derived_uid("observer", model, "device"), name=model.name[:64],
+                        manufacturer_name=model.manufacturer, model_name=model.name[:64]))),
+                procedure_reported=PROCEDURES.get(str(first.get("Modality", "")), IMAGING_PROCEDURE),
+                imaging_measurements=[group], referenced_images=library)
+
+        # TID 1500's image library is optional. highdicom describes an entry from top-level image plane
+        # attributes, which an enhanced multi-frame image keeps per frame, and it cannot describe a CT or MR
+        # image without its plane (a PixelSpacing of 0\0 is dropped as non-conformant) or a radiograph
+        # without ImagerPixelSpacing: such a report has no library.
+        try:
+            content = report(None if is_enhanced_volume(first) else case.sources)
+        except AttributeError:
+            content = report(None)
         evidence = [_with_patient_and_study(first), *case.sources[1:], *derived]
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
-            content=report,
+            content=content,
             series_instance_uid=derived_uid(first.SeriesInstanceUID, model, "structured-report-series"),
             series_number=self.series_number,
             sop_instance_uid=self.sop_instance_uid(model, case),
@@ -166,18 +172,6 @@ class StructuredReportWriter(EvidenceWriter):
             ds.SOPClassUID, ds.SOPInstanceUID,
             [frame + 1] if frame is not None and ds.SOPClassUID in MULTI_FRAME_SOP_CLASSES else None)
             for ds in case.sources]
-
-
-def _image_library(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset] | None:
-    """``sources`` for TID 1500's image library, or None (the library is optional) when highdicom cannot
-    describe one of them: a CT or MR image without its plane (a PixelSpacing of 0\\0 is dropped as
-    non-conformant), a radiograph without ImagerPixelSpacing."""
-    try:
-        for source in sources:
-            hd.sr.ImageLibraryEntryDescriptors(source)
-    except AttributeError:
-        return None
-    return sources
 
 
 def _with_patient_and_study(source: pydicom.Dataset) -> pydicom.Dataset:

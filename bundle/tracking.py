@@ -249,7 +249,7 @@ class InferenceTracking:
             link_to_training(self.tracking_uri, run_id, self.checkpoint)
             params = {"model": summary.model.name, "model_version": summary.model.version,
                       "weights": summary.model.weights_digest, "spatial_dims": summary.spatial_dims,
-                      "all_classes": summary.all_classes}
+                      "all_classes": summary.all_classes, "evidence_map": summary.model.evidence_map}
             for key, value in params.items():
                 client.log_param(run_id, key, value)
             client.log_metric(run_id, "inputs_processed", summary.processed + summary.resumed)

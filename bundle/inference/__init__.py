@@ -4,7 +4,8 @@ For every input found by ``bundle.inputs.discover_inputs``: a row in ``predictio
 ``predictions.json`` and the outputs of the writers listed in the config (``writers`` in
 configs/inference.json; by default the evidence map of the predicted class as NIfTI on the input's
 own grid, a PNG overlay, and for DICOM inputs an RGB Secondary Capture per image, slice or frame and,
-where the source has a Frame of Reference, a Parametric Map of the raw values). A bad input becomes
+where the source has a Frame of Reference, a Parametric Map of the float values; the maps are the
+contrast maps by default, or the raw class evidence maps: ``evidence_map``). A bad input becomes
 a row in ``failures.csv`` and the run goes on; the exit status says whether any failed. A rerun into
 the same output folder skips the inputs an interrupted run finished.
 

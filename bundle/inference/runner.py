@@ -69,7 +69,7 @@ class EvidenceInference:
         self.evidence_map = evidence_map
         self.resume = resume
         self.tracking = tracking
-        self.model = ModelIdentity(model_name, model_version)
+        self.model = ModelIdentity(model_name, model_version, evidence_map=evidence_map)
         self.completion: CompletionRecords | None = None
         self._noted: set[str] = set()
 
@@ -93,7 +93,8 @@ class EvidenceInference:
         ``bundle.inference.sharding``.
         """
         load_checkpoint(self.network, self.ckpt_path)
-        self.model = ModelIdentity(self.model.name, self.model.version, weights_digest(self.ckpt_path))
+        self.model = ModelIdentity(self.model.name, self.model.version, weights_digest(self.ckpt_path),
+                                   evidence_map=self.evidence_map)
         self.network.to(self.device, memory_format=self.memory_format or torch.preserve_format).eval()
         self.completion = CompletionRecords(self.output_dir, self.signature())
         rank, world_size = process_group()

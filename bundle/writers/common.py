@@ -27,10 +27,17 @@ class ModelIdentity:
     version: str  # bundle version from metadata.json
     weights_digest: str = ""  # a short hash of the checkpoint, so retrained weights get new UIDs
     manufacturer: str = "SoftCAM bundle"
+    evidence_map: str = "raw"  # which map is written (bundle.networks.classifier.class_evidence)
 
     @property
     def description(self) -> str:
         return f"{self.name} {self.version}" + (f" ({self.weights_digest})" if self.weights_digest else "")
+
+    @property
+    def map_title(self) -> str:
+        """What the written map is, in words, for the derivation descriptions."""
+        return "class evidence map" if self.evidence_map == "raw" else \
+            "contrast evidence map (the class's evidence minus the mean of the other classes')"
 
 
 def derived_uid(source_uid: str, model: ModelIdentity, what: str) -> str:
@@ -39,7 +46,9 @@ def derived_uid(source_uid: str, model: ModelIdentity, what: str) -> str:
     Writing the same output for the same input twice gives the same UID, so a PACS that
     receives it again does not store a duplicate.
     """
-    return generate_uid(entropy_srcs=[source_uid, model.name, model.version, model.weights_digest, what])
+    # the raw map keeps the UIDs it had before the contrast map existed; another map gets UIDs of its own
+    kind = [] if model.evidence_map == "raw" else [model.evidence_map]
+    return generate_uid(entropy_srcs=[source_uid, model.name, model.version, model.weights_digest, what, *kind])
 
 
 def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:

@@ -1,4 +1,5 @@
-"""Evidence maps as NIfTI on the input's own grid: the raw values, for software and for overlaying in a viewer."""
+"""Evidence maps as NIfTI on the input's own grid: the float values (raw or contrast maps, as the run
+writes them), for software and for overlaying in a viewer."""
 
 from __future__ import annotations
 

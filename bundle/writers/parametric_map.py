@@ -33,12 +33,13 @@ def plane_problem(sources: list[pydicom.Dataset]) -> str | None:
 
 
 class ParametricMapWriter(EvidenceWriter):
-    """The raw float32 evidence of each written class over one source image (or series, or enhanced
-    multi-frame volume) as a Parametric Map: ``dicom/parametric_map/<SOP Instance UID>.dcm``.
+    """The float32 evidence map of each written class (raw or contrast: the run's ``evidence_map``) over one
+    source image (or series, or enhanced multi-frame volume) as a Parametric Map:
+    ``dicom/parametric_map/<SOP Instance UID>.dcm``.
 
     Only for sources with a Frame of Reference and an image plane (CT, MR, ...); for others, and for
     single frames of multi-frame files (which would need per-frame references), ``skip_reason`` says
-    why. Values are stored as they came out of the model with an identity real world value mapping
+    why. Values are stored as the model's maps give them with an identity real world value mapping
     (no unit). UIDs derive from the sources and the model, as for the Secondary Captures.
     """
 
@@ -90,7 +91,7 @@ class ParametricMapWriter(EvidenceWriter):
             high = low + 1.0
         mapping = hd.pm.RealWorldValueMapping(
             lut_label="EVIDENCE",
-            lut_explanation=f"SoftCAM evidence for {class_name}"[:64],
+            lut_explanation=f"SoftCAM {model.evidence_map} evidence for {class_name}"[:64],
             unit=codes.UCUM.NoUnits,
             value_range=(low, high),
             slope=1.0,
@@ -119,6 +120,6 @@ class ParametricMapWriter(EvidenceWriter):
             content_qualification=hd.ContentQualificationValues.RESEARCH,
         )
         pm.SeriesDescription = f"SoftCAM evidence values ({RESEARCH_NOTE})"[:64]
-        pm.DerivationDescription = f"SoftCAM class evidence map for '{class_name}' by {model.description}"[:1024]
+        pm.DerivationDescription = f"SoftCAM {model.map_title} for '{class_name}' by {model.description}"[:1024]
         copy_body_part(first, pm)
         return pm

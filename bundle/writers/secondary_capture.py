@@ -154,7 +154,7 @@ class SecondaryCaptureWriter(EvidenceWriter):
         reference.PurposeOfReferenceCodeSequence = [purpose]
         sc.SourceImageSequence = [reference]
         of_frame = f" of frame {frame + 1}" if multi_frame else ""
-        sc.DerivationDescription = f"SoftCAM class evidence map for '{class_name}'{of_frame} by {model.description}"[:1024]
+        sc.DerivationDescription = f"SoftCAM {model.map_title} for '{class_name}'{of_frame} by {model.description}"[:1024]
         sc.SeriesDescription = f"SoftCAM evidence ({RESEARCH_NOTE})"[:64]
         sc.BurnedInAnnotation = "NO"  # the legend names the class and model: nothing identifying
         sc.ContentQualification = "RESEARCH"

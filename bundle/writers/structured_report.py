@@ -132,11 +132,12 @@ class StructuredReportWriter(EvidenceWriter):
 
         # TID 1500's image library is optional. highdicom describes an entry from top-level image plane
         # attributes, which an enhanced multi-frame image keeps per frame, and it cannot describe a CT or MR
-        # image without its plane (a PixelSpacing of 0\0 is dropped as non-conformant) or a radiograph
-        # without ImagerPixelSpacing: such a report has no library.
+        # image without its plane (a PixelSpacing of 0\0 is dropped as non-conformant), a radiograph
+        # without ImagerPixelSpacing, or either with an empty Type 2 value it reads (PatientOrientation,
+        # SliceThickness): such a report has no library.
         try:
             content = report(None if is_enhanced_volume(first) else case.sources)
-        except AttributeError:
+        except (AttributeError, IndexError, TypeError, ValueError):
             content = report(None)
         evidence = [_with_patient_and_study(first), *case.sources[1:], *derived]
         return hd.sr.Comprehensive3DSR(

@@ -5,7 +5,7 @@ Trains one SoftCAM per value on the demo's data (``make demo`` first: lambda1 = 
 sparse value reuse its models), scores each on the validation split with the comparison's metrics,
 writes ``lambda_sweep.csv`` / ``.md`` under ``<demo>/eval/lambda_sweep`` and names the sparse model's
 value: the lambda1 > 0 with the highest activation precision among those whose validation AUC is
-within ``--auc_tolerance`` of dense SoftCAM's (lambda1 = 0). lambda1 is per map element
+no more than ``--auc_tolerance`` below dense SoftCAM's (lambda1 = 0). lambda1 is per map element
 (``bundle.losses.evidence_penalty``), so a value carries across input sizes and output strides.
 
     python scripts/lambda_sweep.py --demo demo --lambda1 0 1e-3 1e-2 1e-1 -- --backbone resnet18 --output_stride 8
@@ -49,8 +49,8 @@ def _literal(value: str):
 
 def choose(table: list[dict], auc_tolerance: float) -> dict:
     """The paper's trade-off as a rule, for the sparse model (lambda1 > 0): the most precise evidence
-    (activation precision) among the values that keep dense SoftCAM's validation AUC within
-    ``auc_tolerance``; if none does, the value with the highest AUC. Ties go to the smaller lambda1."""
+    (activation precision) among the values whose validation AUC is no more than ``auc_tolerance``
+    below dense SoftCAM's; if none is, the value with the highest AUC. Ties go to the smaller lambda1."""
     sparse = [r for r in table if float(r["lambda1"]) > 0]
     if not sparse:
         raise ValueError("the sweep has no lambda1 > 0 to choose the sparse model from")
@@ -110,7 +110,8 @@ def main() -> None:
     lines = ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     lines += ["| " + " | ".join(str(r[c]) if c == "lambda1" else f"{r[c]:.3f}" for c in columns) + " |" for r in table]
     lines += ["", f"Validation split. Chosen for sparse SoftCAM: lambda1 = {chosen['lambda1']} (rule: the highest "
-                  f"activation precision among the lambda1 > 0 within {args.auc_tolerance} validation AUC of dense SoftCAM)."]
+                  f"activation precision among the lambda1 > 0 whose validation AUC is no more than {args.auc_tolerance} below "
+                  "dense SoftCAM's)."]
     (comparison.output_dir / "lambda_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

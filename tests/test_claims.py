@@ -31,9 +31,16 @@ def test_each_column_is_answered_against_the_best_cam_row_with_both_ceilings():
 
 def test_the_written_answers_follow_the_figures(tmp_path):
     text = write_claims(tmp_path / "claims.md", _rows()).read_text()
-    assert "sparse SoftCAM, PxAP: **no**, 0.290 against 0.300 for the best CAM-family row (black box + Grad-CAM)" in text
+    assert ("sparse SoftCAM, PxAP: **no**, 0.290 against 0.300 for the best CAM-family row (black box + Grad-CAM; "
+            "difference -0.0100)") in text
     assert "ideal map 0.800 at 16x16, 0.500 at the CAM row's 8x8" in text
     assert "sparse SoftCAM: yes on 2 of 3 columns." in text
     rows = _rows()
     rows[3]["pxap"] = 0.31
     assert "sparse SoftCAM: yes on 3 of 3 columns." in write_claims(tmp_path / "again.md", rows).read_text()
+
+
+def test_without_a_cam_family_row_nothing_is_answered(tmp_path):
+    rows = [r for r in _rows() if r.get("family") != "cam"]
+    text = write_claims(tmp_path / "claims.md", rows).read_text()
+    assert "**yes**" not in text and "**no**" not in text and "not measured" in text

@@ -42,11 +42,9 @@ def verdicts(rows: list[dict]) -> list[dict]:
 
 
 def _sentence(v: dict) -> str:
-    if v["beats"] is None:
-        return f"- {v['method']}, {v['column']}: not measured (no value for it or for the CAM family)."
     answer = "**yes**" if v["beats"] else "**no**"
     text = (f"- {v['method']}, {v['column']}: {answer}, {v['value']:.3f} against {v['rival_value']:.3f} for the best "
-            f"CAM-family row ({v['rival']})")
+            f"CAM-family row ({v['rival']}; difference {v['value'] - v['rival_value']:+.4f})")
     if not math.isnan(v["ceiling"]):
         text += f"; ideal map {v['ceiling']:.3f} at {v['shape']}"
         if v["rival_shape"] != v["shape"] and not math.isnan(v["rival_ceiling"]):
@@ -55,12 +53,13 @@ def _sentence(v: dict) -> str:
 
 
 def write_claims(path: Path, rows: list[dict]) -> Path:
-    """``verdicts`` as Markdown: one line per SoftCAM row and column, and a count of yes answers."""
-    found = verdicts(rows)
+    """``verdicts`` as Markdown: one line per SoftCAM row and column with an answer, and a count of yes
+    answers per row; one line saying so where nothing can be answered (no SoftCAM or no CAM-family row)."""
+    found = [v for v in verdicts(rows) if v["beats"] is not None]
     lines = ["Does a SoftCAM row beat every post-hoc CAM-family row? (computed from comparison.csv)", ""]
-    lines += [_sentence(v) for v in found] or ["- no SoftCAM or no CAM-family row in this comparison."]
+    lines += [_sentence(v) for v in found] or ["- not measured: no SoftCAM row, or no CAM-family row, with these columns."]
     for method in dict.fromkeys(v["method"] for v in found):
-        answered = [v for v in found if v["method"] == method and v["beats"] is not None]
+        answered = [v for v in found if v["method"] == method]
         lines.append(f"\n{method}: yes on {sum(v['beats'] for v in answered)} of {len(answered)} columns.")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -128,4 +128,4 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(DEMO) $(DEMO3D) eval
+	rm -rf $(DEMO) $(DEMO3D) demo-full eval

@@ -67,12 +67,13 @@ def test_failed_inputs_end_the_processes_with_status_2(runs):
     _, single, _, multi = runs
     assert single.returncode == 2, single.stderr[-3000:]
     # torchrun itself exits 1 whenever a process fails; as soon as one ends with status 2 it stops the
-    # others that have not ended yet (SIGTERM, -15; -6 when the signal lands in the interpreter's own
-    # teardown, after everything is written), and its report lists each process's exit code
+    # others (SIGTERM, -15) that have not ended yet, and its report lists each process's exit code. Each
+    # process leaves the process group before it raises: gloo's threads outliving the interpreter made
+    # a process abort (-6) instead of ending with status 2
     assert multi.returncode == 1, multi.stderr[-3000:]
     report = multi.stderr[multi.stderr.index("Failures:"):]
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", report)
-    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15", "-6"}, report[-3000:]
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, report[-3000:]
     # process 0 alone prints the totals, and they are the single process's
     message = re.search(r"\d+ of \d+ inputs could not be processed", single.stderr).group(0)
     assert multi.stderr.count(message) == 1, multi.stderr[-3000:]

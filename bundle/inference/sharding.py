@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bundle.distributed import leave_process_group
 from bundle.files import atomic_write
 from bundle.inference.loop import process
 from bundle.inference.tables import InferenceResult, InputsFailed
@@ -72,10 +73,11 @@ def run_shard(runner, rank: int, world_size: int) -> tuple[list[InferenceResult]
     # process 0 sends the totals only when all is written: a process that ended earlier with status 2
     # would make torchrun stop process 0 before its tables were written
     failed_total, total = broadcast((len(failures), len(results) + len(failures)) if rank == 0 else None)
-    if failure is not None:
-        raise failure
     if failed_total:
-        raise InputsFailed(failed_total, total, runner.output_dir / "failures.csv")
+        # the config's finalize (which leaves the process group) does not run after an exception, and gloo's
+        # threads must not outlive the interpreter (a process ending with status 2 would abort instead)
+        leave_process_group(runner.device)
+        raise failure or InputsFailed(failed_total, total, runner.output_dir / "failures.csv")
     return results, failures
 
 

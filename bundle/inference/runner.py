@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -66,7 +67,6 @@ class EvidenceInference:
             NiftiMapWriter(), OverlayPngWriter(), SecondaryCaptureWriter(), ParametricMapWriter(), StructuredReportWriter()]
         if evidence_map not in EVIDENCE_MAPS:
             raise ValueError(f"evidence_map must be one of {EVIDENCE_MAPS}, got {evidence_map!r}")
-        self.evidence_map = evidence_map
         self.resume = resume
         self.tracking = tracking
         self.model = ModelIdentity(model_name, model_version, evidence_map=evidence_map)
@@ -82,7 +82,7 @@ class EvidenceInference:
     def signature(self) -> str:
         """What makes two runs' outputs the same: the model, the classes written and named, the writers."""
         settings = [self.model.name, self.model.version, self.model.weights_digest, self.all_classes,
-                    sorted(self.class_names.items()), [w.signature() for w in self.writers], self.evidence_map]
+                    sorted(self.class_names.items()), [w.signature() for w in self.writers], self.model.evidence_map]
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
     def run(self) -> tuple[list[InferenceResult], list[InputFailure]]:
@@ -93,8 +93,7 @@ class EvidenceInference:
         ``bundle.inference.sharding``.
         """
         load_checkpoint(self.network, self.ckpt_path)
-        self.model = ModelIdentity(self.model.name, self.model.version, weights_digest(self.ckpt_path),
-                                   evidence_map=self.evidence_map)
+        self.model = dataclasses.replace(self.model, weights_digest=weights_digest(self.ckpt_path))
         self.network.to(self.device, memory_format=self.memory_format or torch.preserve_format).eval()
         self.completion = CompletionRecords(self.output_dir, self.signature())
         rank, world_size = process_group()
@@ -143,7 +142,7 @@ class EvidenceInference:
         images = images.to(self.device, memory_format=self.memory_format or torch.preserve_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits, maps = self.network.forward_with_maps(images)
-        maps = class_evidence(maps.float(), self.evidence_map)
+        maps = class_evidence(maps.float(), self.model.evidence_map)
         mode = "bilinear" if maps.ndim == 4 else "trilinear"
         maps = F.interpolate(maps.float(), size=images.shape[2:], mode=mode, align_corners=False)
         return logits.float().softmax(1).cpu().numpy(), maps.cpu()

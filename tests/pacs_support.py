@@ -29,7 +29,7 @@ OUR_AE = "EVIDENCE_AI"
 SC, PM, SR = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.34"
 CREDENTIALS = {"TEST_PACS_USER": USER, "TEST_PACS_PASSWORD": PASSWORD}
 # the checkpoint describes its network and preprocessing: the PACS commands give it alone
-MODEL = {"num_workers": 0, "writer_threads": 1}
+MODEL = {"num_workers": 0, "writer_processes": 1}
 FAST_RETRY = {"attempts": 2, "first_delay_seconds": 0.05, "factor": 2.0, "max_delay_seconds": 0.2}
 
 

@@ -183,7 +183,7 @@ def made_up(**changes) -> dict:
                           "train_images_per_s": {"resnet50, conv1_t_stride 2, 224^2": 4000.0}}],
         "pipeline": {"images": 512, "results": [{
             "role": "demo", "model": "resnet18, 128^2 (the demo's)", "pipeline_images_per_s": 50.0,
-            "forward_images_per_s": 100.0, "ratio": 0.5, "without_fsync_images_per_s": 80.0, "batch_size": 8, "num_workers": 1, "writer_threads": 2,
+            "forward_images_per_s": 100.0, "ratio": 0.5, "without_fsync_images_per_s": 80.0, "batch_size": 8, "num_workers": 1, "writer_processes": 2,
             "torch_threads": 1, "cores": 2, "peak_mib": 700.0, "loader_worker_peak_mib": 500.0, "load_average": [1, 1, 1],
             "stages_ms_per_image": {"loading": {**stage, "ms": 10.0, "cpu_ms": 10.0}, "forward pass": {**stage, "ms": 10.0, "cpu_ms": 10.0},
                                     "maps to the input grid": dict(stage), "NiftiMapWriter (nifti)": dict(stage),
@@ -212,18 +212,23 @@ def test_the_report_says_data_loading_bounds_training_when_it_is_slower_than_the
 
 def test_the_report_says_the_writers_bound_inference_when_their_lane_is_the_busiest():
     writers = made_up(**{"pipeline.results.0.stages_ms_per_image.NiftiMapWriter (nifti)":
-                         {"ms": 40.0, "cpu_ms": 5.0, "fsync_ms": 30.0}})  # its lane: (1 + 35 + 1) / 2 threads
+                         {"ms": 40.0, "cpu_ms": 5.0, "fsync_ms": 30.0}})  # its lane: (35 + 1) / 2 processes
     text = statements(writers)
-    assert "the writers bound inference" in text and "writing 42.0 ms of which 30.0 ms (71 %) waiting in fsync" in text
+    assert "the writers bound inference" in text and "writing 41.0 ms of which 30.0 ms (73 %) waiting in fsync" in text
     assert "with every fsync skipped (measured only) the run reaches 80 images/s, so durability costs 38 %" in text
     forward = made_up(**{"pipeline.results.0.stages_ms_per_image.forward pass.cpu_ms": 40.0})
     assert "the forward pass and the model's thread bound inference" in statements(forward)
     loading = made_up(**{"pipeline.results.0.stages_ms_per_image.loading.cpu_ms": 80.0})
     assert "loading bound inference" in statements(loading)
     # on a CPU, every stage's CPU time over the cores: 10 + 10 + 30 + 1 + 1 = 52 ms over 2 cores, past each lane alone
-    cores = made_up(on_gpu=False, **{"pipeline.results.0.stages_ms_per_image.maps to the input grid.cpu_ms": 30.0})
+    cores = made_up(on_gpu=False, **{"pipeline.results.0.stages_ms_per_image.NiftiMapWriter (nifti).cpu_ms": 30.0})
     assert "The busiest lane is the CPU cores (every stage's CPU time over 2 cores) at 26.0 ms" in statements(cores)
     assert "the CPU cores bound inference; the run took 20.0 ms per image, 0.8 times that" in statements(cores)
+    # the forward pass takes 10 ms of the busiest lane's 26: the ratio cannot pass 0.385, short of the 0.5 target
+    assert ("cannot pass 0.385 of the forward pass (its 10.0 ms per image over the busiest lane's 26.0 ms), so the 0.5 "
+            "target is out of reach on this machine") in statements(cores)
+    # the model's thread (10 ms forward, 1 ms maps) is the busiest lane: 0.909, above the target
+    assert "cannot pass 0.909 of the forward pass (its 10.0 ms per image over the busiest lane's 11.0 ms)." in statements(made_up())
 
 
 def test_the_pipeline_target_is_met_or_missed_by_the_measured_ratio():
@@ -241,9 +246,9 @@ def test_gpu_targets_are_compared_with_the_measured_rates():
     slow = made_up(**{"settings.0.forward.softcam.images_per_s": 5000.0})
     assert "5,000 images/s at batch 256 (40.00 TFLOP/s) reaches 0.5 of the 10,000 images/s target" in statements(slow)
     assert "This run had no GPU" in statements(made_up(on_gpu=False))
-    # 3 ms of writing per image in 2 threads: 667 images/s against 12,000 of the forward pass
-    assert "3.0 ms per image, at most 667 images/s with 2 writer threads, against 12,000 images/s of the forward" in text
-    assert "the writers bound it: keeping up with the forward pass would take 36 writer threads" in text
+    # 2 ms of writing per image (a writer, the record) in 2 processes: 1,000 images/s against 12,000 of the forward pass
+    assert "2.0 ms per image, at most 1,000 images/s with 2 writer processes, against 12,000 images/s of the forward" in text
+    assert "the writers bound it: keeping up with the forward pass would take 24 writer processes" in text
 
 
 def test_the_profile_statement_follows_the_largest_share():

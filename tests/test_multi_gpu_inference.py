@@ -16,7 +16,7 @@ from bundle.networks import classifier
 from tests.conftest import ROOT, run_bundle
 
 MODEL = ["--backbone", "resnet10", "--backbone_kwargs", "{'widen_factor': 0.125}", "--image_size", "32",
-         "--num_workers", "0", "--writer_threads", "1"]
+         "--num_workers", "0", "--writer_processes", "1"]
 MULTI_CONFIG = "['configs/inference.json','configs/multi_gpu_inference.json']"
 
 

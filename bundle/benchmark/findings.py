@@ -5,7 +5,9 @@ figures do not support is not made: every sentence here is chosen or filled in b
 from __future__ import annotations
 
 # Lanes of the inference pipeline: stages that run one after another in the same threads (per image)
-WRITING = "writing (writer threads: maps to the input grid, the writers, the completion record)"
+MODEL = "the model's thread (the forward pass, the maps to the input grid)"
+WRITING = "writing (writer processes: the writers, the completion record)"
+MAIN_THREAD_STAGES = ("loading", "forward pass", "maps to the input grid")
 
 
 def rate(images_per_s: float) -> str:
@@ -104,19 +106,24 @@ def _busy(cost: dict) -> float:
 
 def pipeline_lanes(row: dict, on_gpu: bool) -> dict[str, float]:
     """Milliseconds per image each lane of the pipeline needs (stages' own time: ``_busy``): stages in the same
-    threads add up, threads of one kind share the work; on a CPU all stages also share the cores."""
+    threads add up, processes of one kind share the work; on a CPU all stages also share the cores."""
     stages = row["stages_ms_per_image"]
     loading, forward = _busy(stages["loading"]), stages["forward pass"]
     model = forward["ms"] if on_gpu else _busy(forward) / min(row["torch_threads"], row["cores"])
-    written = sum(_busy(c) for name, c in stages.items() if name not in ("loading", "forward pass"))
-    lanes = {"the forward pass": model + (loading if row["num_workers"] == 0 else 0.0),
-             WRITING: written / max(1, row["writer_threads"])}
+    model += _busy(stages.get("maps to the input grid", {"ms": 0.0}))
+    lanes = {MODEL: model + (loading if row["num_workers"] == 0 else 0.0),
+             WRITING: writing_ms(stages) / max(1, row["writer_processes"])}
     if row["num_workers"]:
         lanes["loading (DataLoader workers)"] = loading / row["num_workers"]
     if not on_gpu:
         cpu = sum(c["cpu_ms"] for c in stages.values())
         lanes[f"the CPU cores (every stage's CPU time over {row['cores']} cores)"] = cpu / row["cores"]
     return lanes
+
+
+def writing_ms(stages: dict) -> float:
+    """What the writer processes spend per image (``_busy``): every writer and the completion record."""
+    return sum(_busy(c) for name, c in stages.items() if name not in MAIN_THREAD_STAGES)
 
 
 def pipeline_target(report: dict, row: dict) -> float | None:
@@ -133,7 +140,7 @@ def inference_bounds(report: dict) -> list[str]:
         verdict = "no target for this model" if target is None else \
             f"meeting the {target} target" if row["ratio"] >= target else f"below the {target} target"
         stages = row["stages_ms_per_image"]
-        writers = {k: v for k, v in stages.items() if k not in ("loading", "forward pass")}
+        writers = {k: v for k, v in stages.items() if k not in MAIN_THREAD_STAGES}
         writing, fsync = sum(c["ms"] for c in writers.values()), sum(c["fsync_ms"] for c in writers.values())
         lanes = pipeline_lanes(row, report["on_gpu"])
         busiest = max(lanes, key=lanes.get)
@@ -145,6 +152,13 @@ def inference_bounds(report: dict) -> list[str]:
             "The busiest lane is "
             f"{busiest} at {lanes[busiest]:.1f} ms per image (CPU and fsync time): {_bound_name(busiest)} bound "
             f"inference; the run took {took:.1f} ms per image, {took / lanes[busiest]:.1f} times that.")
+        forward = stages["forward pass"]["ms"]
+        if lanes[busiest] > forward:  # the pipeline takes at least the busiest lane's time per image
+            ceiling = forward / lanes[busiest]
+            lines.append(f"{row['model']}: with these stage costs the pipeline cannot pass {ceiling:.3f} of the forward "
+                         f"pass (its {forward:.1f} ms per image over the busiest lane's {lanes[busiest]:.1f} ms)"
+                         + (f", so the {target} target is out of reach on this machine." if target and ceiling < target
+                            else "."))
         unsynced = row.get("without_fsync_images_per_s")
         if unsynced:
             cost = 1 - row["pipeline_images_per_s"] / unsynced
@@ -155,7 +169,7 @@ def inference_bounds(report: dict) -> list[str]:
 
 
 def _bound_name(lane: str) -> str:
-    return {"the forward pass": "the forward pass and the model's thread", WRITING: "the writers",
+    return {MODEL: "the forward pass and the model's thread", WRITING: "the writers",
             "loading (DataLoader workers)": "loading"}.get(lane, "the CPU cores")
 
 
@@ -200,21 +214,18 @@ def gpu_bounds(report: dict) -> list[str]:
                          f"images/s with {loading['num_workers']} workers, step {rate(step)}).")
         forward = r["forward"]["softcam"]["images_per_s"]
         for p in report["pipeline"]["results"]:
-            stages = p["stages_ms_per_image"]
-            per_image = sum(_busy(c) for k, c in stages.items() if k not in ("loading", "forward pass"))
+            per_image = writing_ms(p["stages_ms_per_image"])
             if not per_image:
                 continue
-            # at most one writer thread per core; the threads share one Python interpreter, so less in practice
-            threads = min(p["writer_threads"], report.get("cores") or p["writer_threads"])
-            sustained = 1000 * threads / per_image
+            processes = min(p["writer_processes"], report.get("cores") or p["writer_processes"])  # one core each at most
+            sustained = 1000 * processes / per_image
             if sustained < forward:
                 verdict = (f"the writers bound it: keeping up with the forward pass would take "
-                           f"{forward * per_image / 1000:,.0f} writer threads, each with a core")
+                           f"{forward * per_image / 1000:,.0f} writer processes, each with a core")
             else:
                 verdict = "the forward pass bounds it if the writers reach that rate"
             lines.append(f"{r['label']} ({_stem(r)}), inference with files written: writing {p['model']}'s outputs takes "
-                         f"{per_image:.1f} ms per image, at most {rate(sustained)} images/s with {threads} writer "
-                         f"threads, against {rate(forward)} images/s of the forward pass: {verdict} (the writer threads "
-                         f"share one Python interpreter; the whole pipeline ran at {rate(p['pipeline_images_per_s'])} "
-                         f"images/s in this run).")
+                         f"{per_image:.1f} ms per image, at most {rate(sustained)} images/s with {processes} writer "
+                         f"processes, against {rate(forward)} images/s of the forward pass: {verdict} (the whole "
+                         f"pipeline ran at {rate(p['pipeline_images_per_s'])} images/s in this run).")
     return lines

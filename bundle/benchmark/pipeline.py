@@ -204,8 +204,8 @@ def stage_costs(runner, dataset: InferenceDataset, out: Path, forward: tuple[flo
 def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, device: str, passes: int = 3,
                      stage_images: int = 16) -> dict:
     """The pipeline next to its forward pass for one model, then its stage costs (call it in a fresh
-    process: the peak memory is the pipeline run's; DataLoader workers are counted apart, as the largest
-    one's peak)."""
+    process: the peak memory is the pipeline run's; its child processes, DataLoader workers and writer
+    processes, are counted apart, as the largest one's peak)."""
     ckpt = work / "model.pt"
     model_options = {k: v for k, v in options.items() if k in ("backbone", "backbone_kwargs", "spatial_dims", "output_stride")}
     torch.save(classifier(**model_options).state_dict(), ckpt)
@@ -223,7 +223,7 @@ def measure_pipeline(input_dir: Path, work: Path, label: str, options: dict, dev
     return {"model": label, "options": options, "pipeline_images_per_s": round(full, 2),
             "forward_images_per_s": round(forward[0], 2), "ratio": round(full / forward[0], 3),
             "without_fsync_images_per_s": round(unsynced, 2),
-            "batch_size": runner.batch_size, "num_workers": runner.num_workers, "writer_threads": runner.writer_threads,
+            "batch_size": runner.batch_size, "num_workers": runner.num_workers, "writer_processes": runner.writer_processes,
             "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(), "peak_mib": round(peak, 1),
             "loader_worker_peak_mib": None if cuda else round(rss_mib(resource.RUSAGE_CHILDREN), 1),
             "load_average": [round(v, 2) for v in os.getloadavg()],

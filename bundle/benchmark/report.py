@@ -138,7 +138,8 @@ def _pipeline(report: dict) -> list[str]:
     lines = ["", "## Inference: whole DICOM pipeline vs forward pass", "",
              f"- inputs: {pipe['images']} synthetic CR DICOM files",
              "- **pipeline**: `configs/inference.json` end to end (discover, decode and preprocess in DataLoader workers, "
-             "forward pass with evidence maps, maps back onto the source grid and every configured writer in writer threads, "
+             "forward pass with evidence maps and the maps back onto the source grid in one thread, every configured writer in "
+             "forked writer processes, "
              "completion records, tables), timed on its second run (the first, on 8 of the images, pays one-off costs);",
              "- **forward only**: the run's `predict` (forward with maps, upsampled) on the same preprocessed images in memory;",
              "- **without fsync**: the pipeline again with the atomic writes' fsync calls skipped (measurement only);",
@@ -146,13 +147,13 @@ def _pipeline(report: dict) -> list[str]:
              "the forward pass's all threads'; ms waiting in fsync, which every atomic write does twice: the file, then its "
              "folder).", "",
              "| model | pipeline (images/s) | forward only (images/s) | ratio | target | without fsync (images/s) "
-             "| loader workers / writer threads | peak memory process / worker (MiB) | load average |",
+             "| loader workers / writer processes | peak memory process / largest child (MiB) | load average |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in pipe["results"]:
         target = findings.pipeline_target(report, row)
         lines.append(f"| {row['model']} | {row['pipeline_images_per_s']} | {row['forward_images_per_s']} | **{row['ratio']}** "
                      f"| {'none' if target is None else f'>= {target}'} | {row.get('without_fsync_images_per_s', 'n/a')} "
-                     f"| {row['num_workers']} / {row['writer_threads']} | "
+                     f"| {row['num_workers']} / {row['writer_processes']} | "
                      f"{_mib(row['peak_mib'])} / {_mib(row['loader_worker_peak_mib'])} | {' / '.join(map(str, row['load_average']))} |")
     names = list(dict.fromkeys(name for row in pipe["results"] for name in row["stages_ms_per_image"]))
     lines += ["", "| stage (ms per image: wall (CPU; fsync)) | " + " | ".join(r["model"] for r in pipe["results"]) + " |",

@@ -13,7 +13,8 @@ Where things are:
 
 - ``bundle.inputs``: input discovery (files, series, frames; unusable files);
 - ``dataset``: loading one input in a DataLoader worker, decoded once for the model and the writers;
-- ``loop``: the run loop (batches, the forward pass, the writers in a thread pool);
+- ``loop``: the run loop (batches, the forward pass, the maps back on each input's grid);
+- ``writing``: the writers of each input, in forked writer processes;
 - ``runner``: ``EvidenceInference``, what the config builds: settings, the model, ``predict``;
 - ``completion``: the per-input completion records that let a rerun resume;
 - ``tables``: predictions and failures tables, and the summary tracking receives;

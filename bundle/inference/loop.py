@@ -1,6 +1,6 @@
-"""The run loop: decode and prepare in DataLoader workers, predict in batches in this thread, and hand
-each input's maps to the configured writers in a thread pool, so decoding and writing overlap the
-forward pass. A plain loop rather than a MONAI evaluator: each input carries its own geometry and
+"""The run loop: decode and prepare in DataLoader workers, predict in batches in this thread, put each
+input's maps back on its grid, and hand it to the configured writers in writer processes
+(``bundle.inference.writing``), so decoding and writing overlap the forward pass. A plain loop rather than a MONAI evaluator: each input carries its own geometry and
 source files, which MONAI's collate and postprocessing would flatten away."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from monai.utils import TraceKeys
 
 from bundle.inference.dataset import InferenceDataset, collate, network_image, plain_reason
 from bundle.inference.tables import InferenceResult
+from bundle.inference.writing import WriterPool
 from bundle.inputs import InferenceInput, InputFailure
 from bundle.writers.base import EvidenceCase
 
@@ -38,15 +39,15 @@ def process(runner, inputs: list[InferenceInput], indices) -> tuple[list[tuple[i
         batch_size=runner.batch_size, num_workers=runner.num_workers, collate_fn=collate,
     )
     pending: deque[tuple[int, InferenceResult, Future]] = deque()
-    # bounds the images, sources and maps held for the writers, while keeping every writer thread busy
+    # bounds the images, sources and maps held for the writers, while keeping every writer process busy
     # during the next batch's forward pass
-    max_pending = max(2 * runner.batch_size, runner.writer_threads + runner.batch_size)
+    max_pending = max(2 * runner.batch_size, runner.writer_processes + runner.batch_size)
 
     def settle(limit: int) -> None:
         while len(pending) > limit:
             index, result, future = pending.popleft()
             try:
-                skipped = future.result()
+                result.outputs, skipped = future.result()
                 results.append((index, result))
             except Exception as err:  # a writer failure is this input's; its partial files were never renamed
                 failures.append((index, InputFailure(result.input.files[0], f"writing outputs failed ({plain_reason(err)})")))
@@ -56,7 +57,7 @@ def process(runner, inputs: list[InferenceInput], indices) -> tuple[list[tuple[i
             for reason in skipped:
                 runner.note_once(logging.INFO, reason)
 
-    with ThreadPoolExecutor(max_workers=runner.writer_threads) as pool:
+    with WriterPool(runner.writers, runner.output_dir, runner.completion, runner.writer_processes) as pool:
         for batch in loader:
             ok = [item for item in batch if "error" not in item]
             failures.extend((indices[item["index"]], InputFailure(inputs[indices[item["index"]]].files[0], item["error"]))
@@ -67,27 +68,20 @@ def process(runner, inputs: list[InferenceInput], indices) -> tuple[list[tuple[i
             for item, p, m in zip(ok, probabilities, maps):
                 index = indices[item["index"]]
                 result = InferenceResult(inputs[index], [float(v) for v in p], int(p.argmax()), notes=item["notes"])
-                pending.append((index, result, pool.submit(write_outputs, runner, result, item, m)))
+                pending.append((index, result, submit(pool, runner, result, item, m)))
             settle(max_pending)
         settle(0)
     return results, failures
 
 
-def write_outputs(runner, result: InferenceResult, item: dict, maps: torch.Tensor) -> list[str]:
-    """Run every writer of ``runner`` over one input (in config order), fill ``result.outputs`` and record
-    the input as complete; return why writers skipped it. ``maps``: (C, S, S[, S]) on the network grid."""
-    case = evidence_case(runner, result, item, maps)
-    skipped = []
-    for writer in runner.writers:
-        reason = writer.skip_reason(case)
-        if reason:
-            skipped.append(reason)
-            continue
-        case.written.setdefault(writer.kind, []).extend(writer.write(case, runner.output_dir))
-    result.outputs = {kind: [w.path for w in written] for kind, written in case.written.items()}
-    if runner.completion is not None:
-        runner.completion.record(result.input, result.probabilities, result.predicted_class, result.outputs, result.notes)
-    return skipped
+def submit(pool: WriterPool, runner, result: InferenceResult, item: dict, maps: torch.Tensor) -> Future:
+    """Hand one input's case to the writers; a failure to build it is that input's (a failed future)."""
+    try:
+        return pool.submit(evidence_case(runner, result, item, maps))
+    except Exception as err:
+        failed = Future()
+        failed.set_exception(err)
+        return failed
 
 
 def evidence_case(runner, result: InferenceResult, item: dict, maps: torch.Tensor) -> EvidenceCase:

@@ -44,12 +44,14 @@ class EvidenceInference:
     ``evidence_map``: which map of each class is written (``bundle.networks.classifier.class_evidence``):
     "raw", the class evidence map whose spatial mean is the class's logit, or "contrast", that map
     minus the mean of the other classes' maps (the part of the evidence the softmax prediction fixes).
+    ``writer_processes``: forked processes that write the outputs (``bundle.inference.writing``; 0: one
+    thread of this process).
     """
 
     def __init__(self, network: ImageClassifier, load, prepare: Compose, input_dir: str, output_dir: str,
                  ckpt_path: str, spatial_dims: int, model_name: str, model_version: str,
                  class_names: dict | None = None, all_classes: bool = False, batch_size: int = 8,
-                 num_workers: int = 0, writer_threads: int = 2, device: str | torch.device = "cpu",
+                 num_workers: int = 0, writer_processes: int = 2, device: str | torch.device = "cpu",
                  amp: bool = False, amp_dtype: torch.dtype | None = None,
                  memory_format: torch.memory_format | None = None, writers: list[EvidenceWriter] | None = None,
                  resume: bool = True, tracking=None, evidence_map: str = "contrast"):
@@ -58,7 +60,7 @@ class EvidenceInference:
         self.spatial_dims = spatial_dims
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.all_classes = all_classes
-        self.batch_size, self.num_workers, self.writer_threads = batch_size, num_workers, writer_threads
+        self.batch_size, self.num_workers, self.writer_processes = batch_size, num_workers, writer_processes
         self.device = torch.device(device)
         self.amp = amp
         self.amp_dtype = amp_dtype  # None: autocast's default for the device (float16 on CUDA)

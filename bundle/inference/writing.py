@@ -5,12 +5,14 @@ threads of this process would take turns on its interpreter lock, and the forwar
 that lock between its operations, waits behind them. Worker processes write on cores of their own.
 
 The workers are forked: a started (spawned) one would import MONAI and torch again, seconds per
-worker, before its first file. The first input of a pool is written in this process, before the fork,
-so the workers inherit what writers load on their first call (highdicom's tables of the standard take
-half a second) rather than each loading it again. They get each input as an ``EvidenceCase`` (numpy arrays and pydicom
-headers, maps already on the input's grid), never touch torch, CUDA or the model, and inherit this
-process's privacy filters (``bundle.privacy``). A writer plug-in's options must pickle, as each
-worker gets the writers through fork and returns what it wrote through a pipe.
+worker, before its first file. The first input of a pool is written in this process, before the
+fork, so the workers inherit what writers load on their first call (highdicom's tables of the
+standard take half a second) rather than each loading it again; each worker freezes what it
+inherited out of the garbage collector's reach (``gc.freeze``), so collections do not copy the
+parent's pages. Workers get each input as an ``EvidenceCase`` (numpy arrays and pydicom headers,
+maps already on the input's grid) through a pipe, never touch torch, CUDA or the model, and inherit
+the writers and this process's privacy filters (``bundle.privacy``). What a writer returns goes
+back through the pipe.
 
 A worker that dies (killed, out of memory) fails the inputs it and its pool had in flight, with a
 reason naming the cause; their partial files are never renamed into place and they have no

@@ -9,7 +9,8 @@ writer listed after the Secondary Capture and Parametric Map writers finds their
 Instance UIDs there, beside the probabilities, the maps and the source datasets.
 
 A writer adds or changes nothing else in the case, and writes through ``bundle.files.atomic_write``.
-It may run in a thread of a pool, concurrently with other cases (never with itself on one case).
+It runs in a writer process (``bundle.inference.writing``), concurrently with other cases in other
+processes (never with itself on one case); what it returns goes back through a pipe, so it must pickle.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The run loop: decode and prepare in DataLoader workers, predict in batches in this thread, put each
 input's maps back on its grid, and hand it to the configured writers in writer processes
-(``bundle.inference.writing``), so decoding and writing overlap the forward pass. A plain loop rather than a MONAI evaluator: each input carries its own geometry and
-source files, which MONAI's collate and postprocessing would flatten away."""
+(``bundle.inference.writing``), so decoding and writing overlap the forward pass. A plain loop
+rather than a MONAI evaluator: each input carries its own geometry and source files, which MONAI's
+collate and postprocessing would flatten away."""
 
 from __future__ import annotations
 

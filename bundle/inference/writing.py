@@ -16,7 +16,8 @@ back through the pipe.
 
 A worker that dies (killed, out of memory) fails the inputs it and its pool had in flight, with a
 reason naming the cause; their partial files are never renamed into place and they have no
-completion record, so a rerun writes them again. A fresh pool takes the rest of the run.
+completion record, so a rerun writes them again. A fresh pool takes the rest of the run. (The pool's
+first input is written in this process: a writer that kills its process there ends the run.)
 ``processes=0`` writes in one thread of this process instead (no fork).
 """
 

@@ -41,11 +41,12 @@ def unique_stamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-%f") + "-" + secrets.token_hex(2)
 
 
-def last_run_dir(model_dir: str | Path, holding: str = "model.pt") -> str:
-    """The newest run folder under ``model_dir`` (stamps sort by time) that holds ``holding``."""
+def last_run_dir(model_dir: str | Path, holding: str = "model.pt", option: str = "--ckpt_dir") -> str:
+    """The newest run folder under ``model_dir`` (stamps sort by time) that holds ``holding``; the error
+    for none names ``option``, the setting that gives one instead."""
     folders = sorted(p for p in Path(model_dir).glob("*/") if (p / holding).is_file()) if Path(model_dir).is_dir() else []
     if not folders:
-        raise FileNotFoundError(f"no training run with {holding} in {model_dir}: train first, or give --ckpt_dir")
+        raise FileNotFoundError(f"no training run with {holding} in {model_dir}: train first, or give {option}")
     return str(folders[-1])
 
 

@@ -165,7 +165,7 @@ def test_stamps_are_unique_and_sort_by_time():
     assert re.fullmatch(r"\d{8}-\d{6}-\d{6}-[0-9a-f]{4}", stamps[0])
 
 
-def test_evaluation_and_the_sigmoid_branch_default_to_the_newest_training_with_a_model(tmp_path):
+def test_evaluation_inference_and_the_sigmoid_branch_default_to_the_newest_training_with_a_model(tmp_path):
     runs = tmp_path / "models" / "resnet18-softcam"
     for stamp, files in [("20260101-000000-000000-aaaa", ["model.pt"]), ("20260102-000000-000000-bbbb", ["model.pt"]),
                          ("20260103-000000-000000-cccc", ["run.json"])]:  # the newest one stopped before a model
@@ -186,8 +186,19 @@ def test_evaluation_and_the_sigmoid_branch_default_to_the_newest_training_with_a
     training.read_config(str(ROOT / "configs/train.json"))
     training.update({**overrides, "resume": True})
     assert training.get_parsed_content("ckpt_dir") == str(runs / "20260103-000000-000000-cccc")
+    inference = ConfigParser()
+    inference.read_config(str(ROOT / "configs/inference.json"))
+    inference.update(overrides)
+    assert inference.get_parsed_content("ckpt_path") == str(runs / "20260102-000000-000000-bbbb" / "model.pt")
     with pytest.raises(FileNotFoundError, match="no training run with model.pt in"):
         last_run_dir(tmp_path / "models" / "densenet121-softcam")
+    inference = ConfigParser()
+    inference.read_config(str(ROOT / "configs/inference.json"))
+    inference.update({**overrides, "models_dir": str(tmp_path / "nothing-trained")})
+    with pytest.raises(RuntimeError) as failure:  # MONAI's wrapper; the traceback prints the cause
+        inference.get_parsed_content("ckpt_path")
+    assert isinstance(failure.value.__cause__, FileNotFoundError)
+    assert re.search(r"no training run with model.pt in .*nothing-trained.*give --ckpt_path", str(failure.value.__cause__))
 
 
 def test_a_resume_without_a_saved_state_says_so(tmp_path):

@@ -47,25 +47,17 @@ def status_words(code: int, meanings: dict = STORAGE_SERVICE_CLASS_STATUS) -> st
     return f"status 0x{code:04X}" + (f" ({meaning})" if meaning else "")
 
 
-class DimseClient:
-    """One DIMSE peer (``endpoint``) talked to as ``calling_ae``.
+class DimsePeer:
+    """One DIMSE peer (``endpoint``) as ``calling_ae`` reaches it: application entities with the endpoint's
+    timeouts, and associations with it, over DICOM TLS with ``tls`` (``local.tls``) when the endpoint has
+    ``dicom_tls``."""
 
-    ``receive_port`` / ``bind_address``: where a temporary Storage SCP listens for C-MOVE
-    sub-operations (our own AE's port; the peer must know our AE title, host and port); it accepts
-    only the peer's AE title from the peer's host. ``tls``: ``local.tls``, used when the endpoint
-    has ``dicom_tls``.
-    """
-
-    def __init__(self, endpoint: Endpoint, calling_ae: str, retrieve_with: str = "c-get",
-                 receive_port: int | None = None, bind_address: str = "127.0.0.1", tls: TlsSettings | None = None):
+    def __init__(self, endpoint: Endpoint, calling_ae: str, tls: TlsSettings | None = None):
         endpoint.require_dimse()
         if endpoint.dicom_tls and tls is None:
             raise PacsConfigError(f"endpoint {endpoint.name!r} has dicom_tls: give local.tls")
         self.endpoint = endpoint
         self.calling_ae = calling_ae
-        self.retrieve_with = retrieve_with
-        self.receive_port = receive_port
-        self.bind_address = bind_address
         self.tls = tls if endpoint.dicom_tls else None
         self._client_context = client_context(self.tls) if self.tls else None
 
@@ -74,7 +66,7 @@ class DimseClient:
         secure = ", DICOM TLS" if self.tls else ""
         return f"{self.endpoint.dimse_address} (DIMSE{secure}, as {self.calling_ae})"
 
-    def _ae(self) -> AE:
+    def ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae)
         timeout = self.endpoint.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -82,7 +74,7 @@ class DimseClient:
         return ae
 
     @contextmanager
-    def _association(self, ae: AE, what: str, **kwargs):
+    def association(self, ae: AE, what: str, **kwargs):
         """An established association with the peer, released afterwards; a PacsError otherwise."""
         assoc = self._associate(ae, what, **kwargs)
         try:
@@ -120,11 +112,33 @@ class DimseClient:
             time.sleep(0.1)
         raise PacsError(f"{what}: no DICOM association with {e.dimse_address}: connection refused, aborted or timed out")
 
+
+class DimseClient:
+    """C-ECHO, retrieval and C-STORE with one DIMSE peer (``endpoint``), as ``calling_ae`` (``DimsePeer``).
+
+    ``retrieve_with``: "c-get" or "c-move". ``receive_port`` / ``bind_address``: where a temporary
+    Storage SCP listens for C-MOVE sub-operations (our own AE's port; the peer must know our AE title,
+    host and port); it accepts only the peer's AE title from the peer's host. ``tls``: ``local.tls``,
+    used when the endpoint has ``dicom_tls``.
+    """
+
+    def __init__(self, endpoint: Endpoint, calling_ae: str, retrieve_with: str = "c-get",
+                 receive_port: int | None = None, bind_address: str = "127.0.0.1", tls: TlsSettings | None = None):
+        self.peer = DimsePeer(endpoint, calling_ae, tls)
+        self.endpoint, self.calling_ae, self.tls = endpoint, calling_ae, self.peer.tls
+        self.retrieve_with = retrieve_with
+        self.receive_port = receive_port
+        self.bind_address = bind_address
+
+    @property
+    def description(self) -> str:
+        return self.peer.description
+
     def echo(self) -> None:
         """C-ECHO; raises PacsError unless the peer answers with success."""
-        ae = self._ae()
+        ae = self.peer.ae()
         ae.add_requested_context(Verification)
-        with self._association(ae, "C-ECHO") as assoc:
+        with self.peer.association(ae, "C-ECHO") as assoc:
             status = assoc.send_c_echo()
         if not status or status.Status != 0x0000:
             code = f"0x{status.Status:04X}" if status else "no answer"
@@ -164,50 +178,29 @@ class DimseClient:
         return count
 
     def _c_get(self, query: Dataset, on_store) -> list[Dataset]:
-        ae = self._ae()
+        ae = self.peer.ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         storage = [cx.abstract_syntax for cx in StoragePresentationContexts][: MAX_CONTEXTS - 1]
         for sop_class in storage:
             ae.add_requested_context(sop_class)
         roles = [build_role(sop_class, scp_role=True) for sop_class in storage]
-        with self._association(ae, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+        with self.peer.association(ae, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
             return [status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
 
     def _c_move(self, query: Dataset, on_store) -> list[Dataset]:
-        receiver = self._ae()
-        receiver.require_called_aet = True
-        for cx in StoragePresentationContexts:
-            receiver.add_supported_context(cx.abstract_syntax)
-        port = self.receive_port
-        # the sub-operations come from the peer itself: nobody else may store into the retrieval
-        peer = AccessPolicy((AcceptRule(self.endpoint.ae_title, self.endpoint.host),))
-
-        def on_requested(event) -> None:
-            if peer.refusal(event.assoc.requestor.primitive.calling_ae_title, event.assoc.requestor.address):
-                reject(event.assoc)
-
-        try:
-            server = receiver.start_server((self.bind_address, port), block=False,
-                                           ssl_context=server_context(self.tls) if self.tls else None,
-                                           evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_REQUESTED, on_requested)])
-        except OSError as err:
-            raise PacsError(f"C-MOVE: cannot receive as {self.calling_ae} on port {port} ({err.strerror}); is the "
-                            "listener running on it? Retrieve with c-get, or stop the listener", retryable=False) from None
-        try:
-            ae = self._ae()
+        with move_destination(self.peer, self.receive_port, self.bind_address, on_store):
+            ae = self.peer.ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            with self._association(ae, "C-MOVE") as assoc:
+            with self.peer.association(ae, "C-MOVE") as assoc:
                 return [status for status, _ in
-                        assoc.send_c_move(query, self.calling_ae, StudyRootQueryRetrieveInformationModelMove)]
-        finally:
-            server.shutdown()
+                        assoc.send_c_move(query, self.peer.calling_ae, StudyRootQueryRetrieveInformationModelMove)]
 
     # -- storage --------------------------------------------------------------------------------
 
     def store(self, paths: list[Path]) -> dict[Path, StoreOutcome]:
         """C-STORE each file over one association; the peer's status per instance."""
         metas = {path: read_file_meta_info(path) for path in paths}
-        ae = self._ae()
+        ae = self.peer.ae()
         offered: dict[str, list[str]] = {str(sop): [ExplicitVRLittleEndian, ImplicitVRLittleEndian] for sop in RESULT_SOP_CLASSES}
         for meta in metas.values():
             syntaxes = offered.setdefault(str(meta.MediaStorageSOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -218,7 +211,7 @@ class DimseClient:
         for sop_class, syntaxes in offered.items():
             ae.add_requested_context(sop_class, syntaxes)
         outcomes: dict[Path, StoreOutcome] = {}
-        with self._association(ae, "C-STORE") as assoc:
+        with self.peer.association(ae, "C-STORE") as assoc:
             for path in paths:
                 if not assoc.is_established:
                     outcomes[path] = StoreOutcome(False, "association ended before this instance was sent")
@@ -231,6 +224,33 @@ class DimseClient:
                     continue
                 outcomes[path] = _store_outcome(status)
         return outcomes
+
+
+@contextmanager
+def move_destination(peer: DimsePeer, port: int | None, bind_address: str, on_store):
+    """While the block runs, a Storage SCP as ``peer.calling_ae`` on ``bind_address:port`` that takes the
+    C-MOVE sub-operations with ``on_store``; only the peer's AE title from the peer's host may store into it."""
+    receiver = peer.ae()
+    receiver.require_called_aet = True
+    for cx in StoragePresentationContexts:
+        receiver.add_supported_context(cx.abstract_syntax)
+    sender = AccessPolicy((AcceptRule(peer.endpoint.ae_title, peer.endpoint.host),))
+
+    def on_requested(event) -> None:
+        if sender.refusal(event.assoc.requestor.primitive.calling_ae_title, event.assoc.requestor.address):
+            reject(event.assoc)
+
+    try:
+        server = receiver.start_server((bind_address, port), block=False,
+                                       ssl_context=server_context(peer.tls) if peer.tls else None,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_REQUESTED, on_requested)])
+    except OSError as err:
+        raise PacsError(f"C-MOVE: cannot receive as {peer.calling_ae} on port {port} ({err.strerror}); is the "
+                        "listener running on it? Retrieve with c-get, or stop the listener", retryable=False) from None
+    try:
+        yield
+    finally:
+        server.shutdown()
 
 
 def _store_outcome(status: Dataset) -> StoreOutcome:

@@ -138,6 +138,13 @@ def localisation_scores(maps: torch.Tensor, masks: torch.Tensor, predicted: torc
     return columns, curves
 
 
+def sign_columns(maps: torch.Tensor, diseased: torch.Tensor) -> dict[str, float]:
+    """Evidence sign consistency of the disease class's ``maps``: over all images, lesion images, healthy ones."""
+    sign = evidence_sign_consistency(maps, diseased)
+    return {"sign_consistency": _nanmean(sign), "sign_positive_lesion": _nanmean(sign[diseased]),
+            "sign_negative_healthy": _nanmean(sign[~diseased])}
+
+
 def classification(logits: torch.Tensor, labels: torch.Tensor, ordinal: bool = False) -> dict[str, float]:
     """Accuracy, balanced accuracy, ROC AUC and Cohen's kappa (quadratic for ordinal grades) of logits (N, C)."""
     predicted, classes = logits.argmax(1), logits.shape[1]
@@ -180,6 +187,19 @@ def batched_maps(explainer, images: torch.Tensor, targets: torch.Tensor, batch_s
     return torch.cat(maps), raw_shape
 
 
+def describe(models: dict[str, dict], contenders) -> dict[str, dict]:
+    """Each contender's label -> what its row is: the model's name, head and checkpoint (``models``' entry),
+    the explainer's title as in the papers' tables, and the explained target."""
+    return {c.label: {"model": c.model, "head": models[c.model]["head"], "explainer": EXPLAINERS[c.method].title,
+                      "target": c.target, "checkpoint": str(models[c.model]["checkpoint"])} for c in contenders}
+
+
+def grid_indices(annotated: torch.Tensor, count: int) -> torch.Tensor:
+    """The method grid's images: annotated ones first (the lesion to look for), then healthy ones."""
+    order = torch.cat([torch.nonzero(annotated).flatten(), torch.nonzero(~annotated).flatten()])
+    return order[:count]
+
+
 @dataclass
 class PerturbationTest:
     """Deletion and insertion as the SoftCAM reference runs them on ``test``: patches of ``patch`` voxels,
@@ -207,6 +227,19 @@ class PerturbationTest:
 
         return {"deletion": faithfulness.deletion_curve(classify, images, maps, targets, **options),
                 "insertion": faithfulness.insertion_curve(classify, images, maps, targets, **options)}
+
+    def columns(self, model, maps: torch.Tensor, chosen: torch.Tensor, baseline: dict | None) -> tuple[dict, tuple]:
+        """A row's deletion and insertion columns (areas, and gains over the random patch order's ``baseline``
+        curves) from ``maps`` (N, *S) on the ``chosen`` images, and its mean deletion curve; NaN columns and an
+        empty curve where there is no baseline (no lesion image)."""
+        if baseline is None:
+            columns = dict.fromkeys(("deletion_audc", "deletion_gain", "insertion_auc", "insertion_gain"), math.nan)
+            return columns, (torch.zeros(0), torch.zeros(0))
+        ordered = self.curves(model, maps, chosen)
+        deletion, insertion = float(ordered["deletion"].area.mean()), float(ordered["insertion"].area.mean())
+        columns = {"deletion_audc": deletion, "deletion_gain": float(baseline["deletion"].area.mean()) - deletion,
+                   "insertion_auc": insertion, "insertion_gain": insertion - float(baseline["insertion"].area.mean())}
+        return columns, (ordered["deletion"].counts.cpu(), ordered["deletion"].scores.mean(0).cpu())
 
 
 class ExplanationComparison:
@@ -290,22 +323,11 @@ class ExplanationComparison:
         random_curves = {name: (c["deletion"].counts.cpu(), c["deletion"].scores.mean(0).cpu()) for name, c in baselines.items()}
         files = report.write_outputs(self.output_dir, rows, test, (curves, random_curves, self.perturbation.total_patches()),
                                      box_curves, self.localisation_options.loc_threshold,
-                                     (grid, self._grid_indices(annotated)))
+                                     (grid, grid_indices(annotated, self.grid_images)))
         if self.tracking is not None:
             counts = {"n_test": len(test.labels), "n_annotated": int(annotated.sum()), "n_lesion_all_correct": int(lesion.sum())}
-            self.tracking.log_comparison(rows, files, counts, self.describe(c for c in self.contenders if c.model in models))
+            self.tracking.log_comparison(rows, files, counts, describe(self.models, (c for c in self.contenders if c.model in models)))
         return rows
-
-    def describe(self, contenders) -> dict[str, dict]:
-        """Each contender's label -> what its row is: the model's name, head and checkpoint, the
-        explainer's title as in the papers' tables, and the explained target."""
-        return {c.label: {"model": c.model, "head": self.models[c.model]["head"], "explainer": EXPLAINERS[c.method].title,
-                          "target": c.target, "checkpoint": str(self.models[c.model]["checkpoint"])} for c in contenders}
-
-    def _grid_indices(self, annotated: torch.Tensor) -> torch.Tensor:
-        """Annotated images first (the lesion to look for), then healthy ones."""
-        order = torch.cat([torch.nonzero(annotated).flatten(), torch.nonzero(~annotated).flatten()])
-        return order[: self.grid_images]
 
     def score(self, contender: Contender, model, logits: torch.Tensor, annotated: torch.Tensor, lesion: torch.Tensor,
               baseline: dict | None) -> tuple[dict, tuple, tuple | None, torch.Tensor]:
@@ -332,27 +354,17 @@ class ExplanationComparison:
         row = {"method": contender.label, "kind": "method", "family": EXPLAINERS[contender.method].family,
                **classification(logits, test.labels, self.ordinal),
                "average_drop": float(change.drop.mean()), "increase_in_confidence": 100 * float(change.increase.double().mean())}
-        curve = (torch.zeros(0), torch.zeros(0))
-        if baseline is not None:
-            ordered = self.perturbation.curves(model, disease_maps[lesion], lesion)
-            deletion, insertion = float(ordered["deletion"].area.mean()), float(ordered["insertion"].area.mean())
-            row.update(deletion_audc=deletion, deletion_gain=float(baseline["deletion"].area.mean()) - deletion,
-                       insertion_auc=insertion, insertion_gain=insertion - float(baseline["insertion"].area.mean()))
-            curve = (ordered["deletion"].counts.cpu(), ordered["deletion"].scores.mean(0).cpu())
-        else:
-            row.update(deletion_audc=math.nan, deletion_gain=math.nan, insertion_auc=math.nan, insertion_gain=math.nan)
+        perturbation, curve = self.perturbation.columns(model, disease_maps[lesion], lesion, baseline)
+        row.update(perturbation)
         columns, box_curve = localisation_scores(disease_maps[annotated].to(self.device), test.masks[annotated].to(self.device),
                                                  predicted[annotated], test.labels[annotated], self.localisation_options)
         row.update(columns)
-        diseased = test.labels > 0
-        sign = evidence_sign_consistency(disease_maps, diseased)
-        row.update(sign_consistency=_nanmean(sign), sign_positive_lesion=_nanmean(sign[diseased]),
-                   sign_negative_healthy=_nanmean(sign[~diseased]))
+        row.update(sign_columns(disease_maps, test.labels > 0))
         row["randomisation_correlation"] = math.nan if self.randomisation_images <= 0 else randomisation_correlation(
             model, contender, test.images[: self.randomisation_images].to(self.device), self.randomised_backbone_layers)
         row["seconds_per_image"] = seconds
         row["raw_map_shape"], row["_raw_shape"] = "x".join(map(str, raw_shape)), raw_shape
-        return row, curve, box_curve, maps[self._grid_indices(annotated)]
+        return row, curve, box_curve, maps[grid_indices(annotated, self.grid_images)]
 
 
 def randomisation_correlation(model, contender: Contender, images: torch.Tensor, backbone_layers: int) -> float:

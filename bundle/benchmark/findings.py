@@ -7,7 +7,8 @@ from __future__ import annotations
 # Lanes of the inference pipeline: stages that run one after another in the same threads (per image)
 MODEL = "the model's thread (the forward pass, the maps to the input grid)"
 WRITING = "writing (writer processes: the writers, the completion record)"
-MAIN_THREAD_STAGES = ("loading", "forward pass", "maps to the input grid")
+# the stages before the writers (loading runs in DataLoader workers, the other two in the model's thread)
+BEFORE_WRITING = ("loading", "forward pass", "maps to the input grid")
 
 
 def rate(images_per_s: float) -> str:
@@ -123,7 +124,7 @@ def pipeline_lanes(row: dict, on_gpu: bool) -> dict[str, float]:
 
 def writing_ms(stages: dict) -> float:
     """What the writer processes spend per image (``_busy``): every writer and the completion record."""
-    return sum(_busy(c) for name, c in stages.items() if name not in MAIN_THREAD_STAGES)
+    return sum(_busy(c) for name, c in stages.items() if name not in BEFORE_WRITING)
 
 
 def pipeline_target(report: dict, row: dict) -> float | None:
@@ -140,7 +141,7 @@ def inference_bounds(report: dict) -> list[str]:
         verdict = "no target for this model" if target is None else \
             f"meeting the {target} target" if row["ratio"] >= target else f"below the {target} target"
         stages = row["stages_ms_per_image"]
-        writers = {k: v for k, v in stages.items() if k not in MAIN_THREAD_STAGES}
+        writers = {k: v for k, v in stages.items() if k not in BEFORE_WRITING}
         writing, fsync = sum(c["ms"] for c in writers.values()), sum(c["fsync_ms"] for c in writers.values())
         lanes = pipeline_lanes(row, report["on_gpu"])
         busiest = max(lanes, key=lanes.get)

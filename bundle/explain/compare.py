@@ -270,7 +270,6 @@ class ExplanationComparison:
         self.output_dir = Path(output_dir)
         self.contenders = contenders or default_contenders(models)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.deletion_patch = deletion_patch
         self.perturbation = PerturbationTest(test_set, deletion_patch, deletion_fraction, batch_size, self.device)
         self.localisation_options = LocalisationOptions(top_k, top_k_threshold, localisation_patch, pointing_tolerance,
                                                         box_thresholds, loc_threshold)
@@ -302,7 +301,7 @@ class ExplanationComparison:
         logger.info("comparison: %d test images, %d annotated, %d lesion images classified correctly by all %d models",
                     len(test.labels), int(annotated.sum()), int(lesion.sum()), len(models))
         shape = (int(lesion.sum()), *test.images.shape[2:])
-        random_order = faithfulness.random_patch_maps(shape, self.deletion_patch, self.seed)
+        random_order = faithfulness.random_patch_maps(shape, self.perturbation.patch, self.seed)
         baselines = {}  # each model's curves in a random patch order: the baseline of its rows
         if lesion.any():
             baselines = {name: self.perturbation.curves(model, random_order, lesion) for name, model in models.items()}

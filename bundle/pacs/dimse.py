@@ -125,10 +125,17 @@ class DimseClient:
     def __init__(self, endpoint: Endpoint, calling_ae: str, retrieve_with: str = "c-get",
                  receive_port: int | None = None, bind_address: str = "127.0.0.1", tls: TlsSettings | None = None):
         self.peer = DimsePeer(endpoint, calling_ae, tls)
-        self.endpoint, self.calling_ae, self.tls = endpoint, calling_ae, self.peer.tls
         self.retrieve_with = retrieve_with
         self.receive_port = receive_port
         self.bind_address = bind_address
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.peer.endpoint
+
+    @property
+    def calling_ae(self) -> str:
+        return self.peer.calling_ae
 
     @property
     def description(self) -> str:
